@@ -1,0 +1,228 @@
+"""The Rx engine: check a packet, decode it, run connector + LLM, stream text.
+
+Both front ends (gRPC in `grpc_server`, HTTP in `http_app`) call `RxEngine`, so
+a packet gets the same checks and the same errors whichever way it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from shared.models.registry import model_fingerprint, resolve_model
+
+from shared import __version__
+from shared.codecs import Codec, build_codec
+from shared.config import RxSettings
+from shared.errors import BadRequestError, CodecError, FingerprintMismatchError
+from shared.models.card import model_notice
+from shared.protocol import pb
+from shared.protocol.packet import (
+    SUPPORTED_FORMAT_VERSIONS,
+    features_from_payload,
+    raw_feature_bytes,
+    split_point_from_pb,
+    split_point_to_pb,
+    validate_header,
+    verify_payload,
+)
+from shared.split import GenerationOptions, RxHalf, VisionFeatures, load_rx_half
+from shared.textstream import IncrementalDetokenizer
+
+log = logging.getLogger("splitvlm.rx")
+
+_MAX_EXTRA_CODECS = 32  # codecs built on demand from a packet's spec, kept for reuse
+
+
+@dataclass
+class RxEngine:
+    settings: RxSettings
+    half: RxHalf
+    model_id: str
+    fingerprint: str
+    architecture: str = ""
+    notice: str = ""
+    codecs: dict[str, Codec] = field(default_factory=dict)  # by codec fingerprint
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def load(cls, settings: RxSettings) -> RxEngine:
+        folder = resolve_model(settings.model, settings.cache_dir)
+        half = load_rx_half(folder, settings.split_point)
+        engine = cls(
+            settings=settings,
+            half=half,
+            model_id=settings.model,
+            fingerprint=model_fingerprint(folder, settings.cache_dir),
+            architecture=type(half).__name__,
+            notice=model_notice(folder),
+        )
+        for spec in settings.codecs:
+            codec = build_codec(spec)
+            engine.codecs[codec.fingerprint] = codec
+        return engine
+
+    # ---- info -------------------------------------------------------------
+    def info(self) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            service="rx",
+            version=__version__,
+            format_versions=list(SUPPORTED_FORMAT_VERSIONS),
+            model_id=self.model_id,
+            model_fingerprint=self.fingerprint,
+            split_points=[split_point_to_pb(self.settings.split_point)],
+            codecs=[c.spec for c in self.codecs.values()],
+            codec_fingerprints=list(self.codecs),
+            max_packet_bytes=self.settings.max_packet_bytes,
+            architecture=self.architecture,
+            notice=self.notice,
+        )
+
+    # ---- checks -----------------------------------------------------------
+    def check_header(self, header: pb.FeatureHeader) -> Codec:
+        """Validate a header against limits, model, split point and codec; return its codec."""
+        validate_header(header, self.settings.packet_limits())
+        if header.model_fingerprint != self.fingerprint:
+            raise FingerprintMismatchError(
+                "model fingerprint mismatch: the packet (Tx) was made with "
+                f"{header.model_fingerprint or '<none>'}, this Rx holds {self.fingerprint} "
+                f"({self.model_id}); load the same checkpoint on both sides"
+            )
+        split = split_point_from_pb(header.split_point)
+        if split != self.settings.split_point:
+            raise FingerprintMismatchError(
+                f"split point mismatch: the packet was cut {split.value}, "
+                f"this Rx expects {self.settings.split_point.value}"
+            )
+        if header.shape[1] != self.half.feature_dim:
+            raise BadRequestError(
+                f"packet features have dim {header.shape[1]}, this model's {split.value} features have "
+                f"dim {self.half.feature_dim}"
+            )
+        return self._codec_for(header)
+
+    def _codec_for(self, header: pb.FeatureHeader) -> Codec:
+        codec = self.codecs.get(header.codec_fingerprint)
+        if codec is not None:
+            return codec
+        try:
+            codec = build_codec(header.codec_spec)
+        except CodecError as exc:
+            raise CodecError(f"packet codec spec {header.codec_spec!r} is not usable here: {exc}") from None
+        if codec.fingerprint != header.codec_fingerprint:
+            raise FingerprintMismatchError(
+                f"codec fingerprint mismatch for {header.codec_spec!r}: the packet has "
+                f"{header.codec_fingerprint or '<none>'}, this Rx computes {codec.fingerprint} "
+                "(calibrated codecs need the same artifact on both sides)"
+            )
+        if len(self.codecs) < len(self.settings.codecs) + _MAX_EXTRA_CODECS:
+            self.codecs[codec.fingerprint] = codec
+        return codec
+
+    def check_request(self, prompt: str, options: GenerationOptions) -> None:
+        if not prompt.strip():
+            raise BadRequestError("prompt is empty")
+        if len(prompt) > self.settings.max_prompt_chars:
+            raise BadRequestError(
+                f"prompt has {len(prompt)} characters; limit {self.settings.max_prompt_chars}"
+            )
+        options.validate(self.settings.max_new_tokens_limit)
+
+    def options_from_pb(self, opts: pb.GenerationOptions | None) -> GenerationOptions:
+        if opts is None:
+            return GenerationOptions(max_new_tokens=self.settings.default_max_new_tokens)
+        return GenerationOptions(
+            max_new_tokens=opts.max_new_tokens or self.settings.default_max_new_tokens,
+            temperature=float(opts.temperature),
+            top_p=float(opts.top_p) or 1.0,
+            top_k=int(opts.top_k),
+            seed=int(opts.seed),
+        )
+
+    # ---- generation -------------------------------------------------------
+    def generate(
+        self,
+        header: pb.FeatureHeader,
+        payload: bytes,
+        prompt: str,
+        options: GenerationOptions,
+    ) -> Iterator[pb.TextChunk]:
+        """Verify and decode the payload, then stream text chunks; the last one has `done`."""
+        codec = self.check_header(header)
+        self.check_request(prompt, options)
+        verify_payload(header, payload)
+        t0 = time.perf_counter()
+        features = features_from_payload(header, payload, codec)
+        timings = {"rx_codec_decode": (time.perf_counter() - t0) * 1e3}
+        yield from self._stream(prompt, features, options, header, timings)
+
+    def _stream(
+        self,
+        prompt: str,
+        features: VisionFeatures,
+        options: GenerationOptions,
+        header: pb.FeatureHeader,
+        timings: dict[str, float],
+    ) -> Iterator[pb.TextChunk]:
+        events: queue.Queue[tuple[str, object]] = queue.Queue()
+        cancelled = threading.Event()
+        token_times: list[float] = []
+
+        def on_token(token_id: int) -> None:
+            if cancelled.is_set():
+                raise _Cancelled()
+            token_times.append(time.perf_counter())
+            events.put(("token", token_id))
+
+        def run() -> None:
+            try:
+                with self._lock:
+                    start = time.perf_counter()
+                    token_times.append(start)
+                    self.half.generate(prompt, features, options, on_token=on_token)
+                events.put(("end", None))
+            except _Cancelled:
+                events.put(("end", None))
+            except Exception as exc:
+                events.put(("error", exc))
+
+        worker = threading.Thread(target=run, name="rx-generate", daemon=True)
+        worker.start()
+        detok = IncrementalDetokenizer(self.half.decode_tokens)
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "token":
+                    assert isinstance(value, int)
+                    text = detok.push(value)
+                    yield pb.TextChunk(text=text, token_ids=[value], request_id=header.request_id)
+                elif kind == "error":
+                    assert isinstance(value, BaseException)
+                    raise value
+                else:
+                    break
+        finally:
+            cancelled.set()
+        worker.join()
+        if len(token_times) > 1:
+            timings["rx_prefill"] = (token_times[1] - token_times[0]) * 1e3
+            timings["rx_decode"] = (token_times[-1] - token_times[1]) * 1e3
+            if len(token_times) > 2:
+                timings["rx_per_token"] = timings["rx_decode"] / (len(token_times) - 2)
+        yield pb.TextChunk(
+            text=detok.flush(),
+            done=True,
+            timings=pb.Timings(ms=timings),
+            payload_bytes=header.payload_size,
+            feature_bytes=raw_feature_bytes(header),
+            request_id=header.request_id,
+            codec_spec=header.codec_spec,
+        )
+
+
+class _Cancelled(Exception):
+    """Raised inside generation when the client went away."""

@@ -1,0 +1,196 @@
+"""The Rx HTTP front end (FastAPI).
+
+GET  /healthz        liveness
+GET  /v1/info        model id, fingerprints, codecs
+POST /v1/generate    multipart: packet=<FeaturePacket file>, prompt=..., options;
+                     JSON answer, or Server-Sent Events with stream=true
+                     (or `Accept: text/event-stream`)
+GET  /metrics        Prometheus
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from google.protobuf.json_format import MessageToDict
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rx_service.engine import RxEngine
+from shared import __version__
+from shared.errors import BadRequestError, PacketError, PacketTooLargeError, SplitVlmError
+from shared.metrics import PAYLOAD_BYTES, REQUESTS
+from shared.protocol import pb
+from shared.protocol.packet import packet_from_bytes
+from shared.split import GenerationOptions
+
+
+class GenerateForm(BaseModel):
+    """The non-file fields of POST /v1/generate; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)
+    stream: bool = False
+
+
+class BodySizeLimit:
+    """Refuse request bodies over a bound while they stream in, not after they are spooled."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _too_large(send, int(declared), self.max_bytes)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise PacketTooLargeError(f"request body exceeds the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _too_large(send: Send, size: int, limit: int) -> None:
+    body = json.dumps(
+        {
+            "error": "PacketTooLargeError",
+            "detail": f"request body of {size} bytes exceeds the limit of {limit}",
+        }
+    ).encode()
+    await send(
+        {"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error(exc: SplitVlmError) -> JSONResponse:
+    return JSONResponse(
+        status_code=exc.http_status, content={"error": type(exc).__name__, "detail": str(exc)}
+    )
+
+
+def create_app(engine: RxEngine) -> FastAPI:
+    app = FastAPI(title="splitvlm Rx", version=__version__)
+    limits = engine.settings.packet_limits()
+
+    @app.exception_handler(SplitVlmError)
+    async def _on_error(request: Request, exc: SplitVlmError) -> JSONResponse:
+        REQUESTS.labels("rx", request.url.path, str(exc.http_status)).inc()
+        return _error(exc)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    async def info() -> dict[str, Any]:
+        return MessageToDict(engine.info(), preserving_proto_field_name=True)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/generate", response_model=None)
+    async def generate(request: Request) -> Response:
+        form = await request.form(max_files=1, max_fields=16)
+        upload = form.get("packet")
+        if not isinstance(upload, UploadFile):
+            raise BadRequestError("multipart field `packet` (a FeaturePacket file) is required")
+        fields = {k: v for k, v in form.items() if k != "packet"}
+        try:
+            parsed = GenerateForm.model_validate(fields)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise BadRequestError(f"invalid form: {problems}") from None
+        data = await upload.read(limits.max_packet_bytes + 64 * 1024 + 1)
+        header, payload = packet_from_bytes(data, limits)
+        PAYLOAD_BYTES.labels("rx").observe(len(payload))
+        options = GenerationOptions(
+            max_new_tokens=parsed.max_new_tokens or engine.settings.default_max_new_tokens,
+            temperature=parsed.temperature,
+            top_p=parsed.top_p,
+            top_k=parsed.top_k,
+            seed=parsed.seed,
+        )
+        chunks = engine.generate(header, payload, parsed.prompt, options)
+        # Pull the first chunk here so that every check (codec, fingerprints, decode)
+        # fails as an HTTP error rather than inside an already-started stream.
+        first = await run_in_threadpool(_next_chunk, chunks)
+        wants_sse = parsed.stream or "text/event-stream" in request.headers.get("accept", "")
+        if wants_sse:
+            return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
+        rest = await run_in_threadpool(list, chunks)
+        REQUESTS.labels("rx", "/v1/generate", "200").inc()
+        return JSONResponse(_summarize([first, *rest]))
+
+    return app
+
+
+def wrap_app(app: FastAPI, max_body_bytes: int) -> ASGIApp:
+    return BodySizeLimit(app, max_body_bytes)
+
+
+def _next_chunk(chunks: Iterator[pb.TextChunk]) -> pb.TextChunk:
+    try:
+        return next(chunks)
+    except StopIteration:
+        raise PacketError("generation produced no output") from None
+
+
+def _chunk_dict(chunk: pb.TextChunk) -> dict[str, Any]:
+    out: dict[str, Any] = {"text": chunk.text, "token_ids": list(chunk.token_ids)}
+    if chunk.done:
+        out.update(
+            done=True,
+            timings_ms=dict(chunk.timings.ms),
+            payload_bytes=chunk.payload_bytes,
+            request_id=chunk.request_id,
+            codec_spec=chunk.codec_spec,
+        )
+    return out
+
+
+def _summarize(chunks: list[pb.TextChunk]) -> dict[str, Any]:
+    last = chunks[-1]
+    return {
+        "text": "".join(c.text for c in chunks),
+        "token_ids": [t for c in chunks for t in c.token_ids],
+        "timings_ms": dict(last.timings.ms),
+        "payload_bytes": last.payload_bytes,
+        "request_id": last.request_id,
+        "codec_spec": last.codec_spec,
+    }
+
+
+def _sse(first: pb.TextChunk, rest: Iterator[pb.TextChunk]) -> Iterator[str]:
+    try:
+        for chunk in itertools.chain([first], rest):
+            event = "done" if chunk.done else "token"
+            yield f"event: {event}\ndata: {json.dumps(_chunk_dict(chunk))}\n\n"
+    except SplitVlmError as exc:
+        yield f"event: error\ndata: {json.dumps({'error': type(exc).__name__, 'detail': str(exc)})}\n\n"

@@ -1,0 +1,69 @@
+"""Service configuration: one pydantic settings object per service.
+
+Every field can be set by environment variable (``SPLITVLM_RX_GRPC_PORT=...``,
+``SPLITVLM_TX_RX_ADDRESS=...``) or by the matching CLI flag, which wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.models.registry import DEFAULT_MODEL, default_cache_dir
+from shared.protocol.packet import PacketLimits
+from shared.split.base import SplitPoint
+
+__all__ = ["DEFAULT_MODEL", "RxSettings", "TxSettings"]
+
+
+class RxSettings(BaseSettings):
+    """The server side: connector + language model."""
+
+    model_config = SettingsConfigDict(env_prefix="SPLITVLM_RX_", extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL, description="hub id, local folder or builtin:NAME")
+    split_point: SplitPoint = SplitPoint.AFTER_VISION_TOWER
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(50061, ge=0, le=65535)
+    http_port: int = Field(8061, ge=0, le=65535)
+    codecs: list[str] = Field(
+        default_factory=lambda: ["lossless", "fp16", "int8"],
+        description="codec presets or specs this Rx accepts",
+    )
+    max_packet_bytes: int = Field(64 * 2**20, gt=0)
+    max_tokens: int = Field(65_536, gt=0, description="most visual tokens one packet may declare")
+    max_decoded_bytes: int = Field(512 * 2**20, gt=0)
+    max_prompt_chars: int = Field(8_192, gt=0)
+    default_max_new_tokens: int = Field(32, gt=0)
+    max_new_tokens_limit: int = Field(512, gt=0)
+    grpc_workers: int = Field(4, gt=0)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+
+    def packet_limits(self) -> PacketLimits:
+        return PacketLimits(
+            max_packet_bytes=self.max_packet_bytes,
+            max_tokens=self.max_tokens,
+            max_decoded_bytes=self.max_decoded_bytes,
+        )
+
+
+class TxSettings(BaseSettings):
+    """The edge side: image processor + vision encoder + codec."""
+
+    model_config = SettingsConfigDict(env_prefix="SPLITVLM_TX_", extra="forbid")
+
+    model: str = Field(DEFAULT_MODEL, description="hub id, local folder or builtin:NAME")
+    split_point: SplitPoint = SplitPoint.AFTER_VISION_TOWER
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    rx_address: str = Field("127.0.0.1:50061", description="HOST:PORT of the Rx gRPC server")
+    codec: str = Field("int8", description="default codec preset or spec")
+    max_image_bytes: int = Field(20 * 2**20, gt=0)
+    max_image_pixels: int = Field(50_000_000, gt=0)
+    max_prompt_chars: int = Field(8_192, gt=0)
+    chunk_bytes: int = Field(256 * 1024, gt=0, description="payload bytes per gRPC message")
+    rx_timeout_s: float = Field(300.0, gt=0)
+    grpc_workers: int = Field(4, gt=0)
+    cache_dir: Path = Field(default_factory=default_cache_dir)

@@ -1,0 +1,35 @@
+"""Small gRPC helpers shared by the clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TypeVar
+
+import grpc
+
+from shared.errors import RemoteError
+
+T = TypeVar("T")
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 32 * 2**20),
+    ("grpc.max_send_message_length", 32 * 2**20),
+]
+
+
+def open_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def relay_errors(stream: Iterator[T], peer: str) -> Iterator[T]:
+    """Re-raise gRPC errors of a response stream as RemoteError (status code kept)."""
+    try:
+        yield from stream
+    except grpc.RpcError as exc:
+        raise as_remote_error(exc, peer) from None
+
+
+def as_remote_error(exc: grpc.RpcError, peer: str) -> RemoteError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    return RemoteError(code, detail or "", peer)

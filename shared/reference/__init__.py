@@ -1,0 +1,1 @@
+"""Reference assets for training and evaluating a small VLM: see scenes.py."""

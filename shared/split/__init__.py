@@ -1,0 +1,134 @@
+"""Split adapters: build the Tx and Rx halves of a checkpoint folder.
+
+The adapter is chosen from the checkpoint's ``config.json`` (``architectures`` first,
+then ``model_type``). Families register with `register_adapter`; each adapter module
+provides ``load_tx_half(folder, split_point, **kwargs)`` and
+``load_rx_half(folder, split_point, **kwargs)`` and is imported only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from shared.errors import ModelError
+from shared.split.base import (
+    GenerationOptions,
+    RxHalf,
+    SplitPoint,
+    TokenCallback,
+    TxHalf,
+    VisionFeatures,
+)
+
+__all__ = [
+    "ADAPTERS",
+    "AdapterSpec",
+    "GenerationOptions",
+    "RxHalf",
+    "SplitPoint",
+    "TokenCallback",
+    "TxHalf",
+    "VisionFeatures",
+    "adapter_for",
+    "load_rx_half",
+    "load_tx_half",
+    "read_model_config",
+    "register_adapter",
+    "supported_architectures",
+]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One model family: the module implementing it and the configs it accepts."""
+
+    family: str
+    module: str  # e.g. "shared.split.llava"
+    architectures: tuple[str, ...]
+    model_types: tuple[str, ...]
+
+    def _load(self, name: str) -> Callable[..., Any]:
+        return cast(Callable[..., Any], getattr(importlib.import_module(self.module), name))
+
+    def load_tx_half(self, folder: Path, split_point: SplitPoint, **kwargs: Any) -> TxHalf:
+        return cast(TxHalf, self._load("load_tx_half")(folder, split_point, **kwargs))
+
+    def load_rx_half(self, folder: Path, split_point: SplitPoint, **kwargs: Any) -> RxHalf:
+        return cast(RxHalf, self._load("load_rx_half")(folder, split_point, **kwargs))
+
+
+# family name → spec
+ADAPTERS: dict[str, AdapterSpec] = {}
+
+
+def register_adapter(
+    family: str, module: str, architectures: Iterable[str], model_types: Iterable[str] = ()
+) -> AdapterSpec:
+    """Register (or replace) a family's adapter."""
+    spec = AdapterSpec(family, module, tuple(architectures), tuple(model_types))
+    ADAPTERS[family] = spec
+    return spec
+
+
+register_adapter(
+    "llava",
+    "shared.split.llava",
+    architectures=("LlavaForConditionalGeneration", "LlavaModel"),
+    model_types=("llava",),
+)
+
+
+def supported_architectures() -> list[str]:
+    return sorted({a for spec in ADAPTERS.values() for a in spec.architectures})
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a checkpoint folder; ModelError when absent or unreadable."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} is not a JSON object")
+    return data
+
+
+def adapter_for(folder: Path) -> AdapterSpec:
+    """The adapter for the checkpoint in ``folder``; ModelError when none fits."""
+    config = read_model_config(Path(folder))
+    architectures = [str(a) for a in (config.get("architectures") or [])]
+    model_type = str(config.get("model_type") or "")
+    for arch in architectures:
+        for spec in ADAPTERS.values():
+            if arch in spec.architectures:
+                return spec
+    for spec in ADAPTERS.values():
+        if model_type in spec.model_types:
+            return spec
+    named = ", ".join(architectures) or "(none)"
+    raise ModelError(
+        f"unsupported model architecture {named} (model_type {model_type or '(none)'!r}) in {folder}; "
+        f"supported architectures: {', '.join(supported_architectures())}"
+    )
+
+
+def load_tx_half(
+    folder: Path, split_point: SplitPoint = SplitPoint.AFTER_VISION_TOWER, **kwargs: Any
+) -> TxHalf:
+    """The Tx half (image processor + vision side up to ``split_point``) of the checkpoint in ``folder``."""
+    return adapter_for(folder).load_tx_half(Path(folder), SplitPoint(split_point), **kwargs)
+
+
+def load_rx_half(
+    folder: Path, split_point: SplitPoint = SplitPoint.AFTER_VISION_TOWER, **kwargs: Any
+) -> RxHalf:
+    """The Rx half (the rest of the model + generation) of the checkpoint in ``folder``."""
+    return adapter_for(folder).load_rx_half(Path(folder), SplitPoint(split_point), **kwargs)

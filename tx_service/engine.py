@@ -1,0 +1,175 @@
+"""The Tx engine: image ─► processor ─► vision encoder ─► codec ─► packet ─► Rx.
+
+Pairs with its Rx before the first request: both must hold the same model
+fingerprint and split point, or the Tx refuses to send anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from shared.models.registry import model_fingerprint, resolve_model
+
+from rx_service.client import RxClient
+from shared import __version__
+from shared.codecs import Codec, build_codec
+from shared.config import TxSettings
+from shared.errors import BadRequestError, FingerprintMismatchError
+from shared.images import decode_image
+from shared.models.card import model_notice
+from shared.protocol import pb
+from shared.protocol.packet import (
+    SUPPORTED_FORMAT_VERSIONS,
+    build_header,
+    split_point_from_pb,
+    split_point_to_pb,
+)
+from shared.split import GenerationOptions, TxHalf, load_tx_half
+
+log = logging.getLogger("splitvlm.tx")
+
+_MAX_CODECS = 32
+
+
+@dataclass
+class EncodedImage:
+    header: pb.FeatureHeader
+    payload: bytes
+    timings_ms: dict[str, float]
+
+
+@dataclass
+class TxEngine:
+    settings: TxSettings
+    half: TxHalf
+    model_id: str
+    fingerprint: str
+    rx: RxClient
+    notice: str = ""
+    codecs: dict[str, Codec] = field(default_factory=dict)  # by requested name/spec
+    _paired_with: str = ""
+    _encode_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def load(cls, settings: TxSettings, rx: RxClient | None = None) -> TxEngine:
+        folder = resolve_model(settings.model, settings.cache_dir)
+        engine = cls(
+            settings=settings,
+            half=load_tx_half(folder, settings.split_point),
+            model_id=settings.model,
+            fingerprint=model_fingerprint(folder, settings.cache_dir),
+            rx=rx
+            or RxClient(
+                settings.rx_address, timeout_s=settings.rx_timeout_s, chunk_bytes=settings.chunk_bytes
+            ),
+            notice=model_notice(folder),
+        )
+        engine.codec(settings.codec)  # fail at start-up on a bad default codec
+        return engine
+
+    def codec(self, name: str) -> Codec:
+        name = name or self.settings.codec
+        codec = self.codecs.get(name)
+        if codec is None:
+            codec = build_codec(name)
+            if len(self.codecs) < _MAX_CODECS:
+                self.codecs[name] = codec
+        return codec
+
+    def info(self) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            service="tx",
+            version=__version__,
+            format_versions=list(SUPPORTED_FORMAT_VERSIONS),
+            model_id=self.model_id,
+            model_fingerprint=self.fingerprint,
+            split_points=[split_point_to_pb(self.settings.split_point)],
+            codecs=[c.spec for c in self.codecs.values()],
+            codec_fingerprints=[c.fingerprint for c in self.codecs.values()],
+            architecture=type(self.half).__name__,
+            notice=self.notice,
+        )
+
+    def pair(self) -> pb.InfoResponse:
+        """Ask the Rx who it is; refuse to work with an Rx holding another model or split."""
+        info = self.rx.info(timeout_s=30)
+        if info.model_fingerprint != self.fingerprint:
+            raise FingerprintMismatchError(
+                f"refusing to pair: this Tx holds model {self.model_id} ({self.fingerprint}), "
+                f"the Rx at {self.rx.address} holds {info.model_id} ({info.model_fingerprint})"
+            )
+        rx_splits = [split_point_from_pb(s) for s in info.split_points]
+        if self.settings.split_point not in rx_splits:
+            raise FingerprintMismatchError(
+                f"refusing to pair: this Tx cuts {self.settings.split_point.value}, the Rx at "
+                f"{self.rx.address} expects {[s.value for s in rx_splits]}"
+            )
+        self._paired_with = info.model_fingerprint
+        return info
+
+    def encode(self, image: Image.Image, codec_name: str = "", request_id: str = "") -> EncodedImage:
+        codec = self.codec(codec_name)
+        timings: dict[str, float] = {}
+        with self._encode_lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            inputs = self.half.preprocess([image])
+            t1 = time.perf_counter()
+            features = self.half.encode(inputs)
+            t2 = time.perf_counter()
+            payload = codec.encode(features.features)
+            t3 = time.perf_counter()
+        header = build_header(
+            request_id=request_id or uuid.uuid4().hex,
+            model_fingerprint=self.fingerprint,
+            split_point=self.settings.split_point,
+            codec_spec=codec.spec,
+            codec_fingerprint=codec.fingerprint,
+            features=features,
+            payload=payload,
+        )
+        t4 = time.perf_counter()
+        timings.update(
+            tx_preprocess=(t1 - t0) * 1e3,
+            tx_vision_encoder=(t2 - t1) * 1e3,
+            tx_codec_encode=(t3 - t2) * 1e3,
+            tx_serialize=(t4 - t3) * 1e3,
+        )
+        return EncodedImage(header=header, payload=payload, timings_ms=timings)
+
+    def ask(
+        self,
+        image_bytes: bytes,
+        prompt: str,
+        options: GenerationOptions,
+        codec_name: str = "",
+        request_id: str = "",
+    ) -> Iterator[pb.TextChunk]:
+        """Encode one image and stream the Rx's answer back, with Tx timings added at the end."""
+        started = time.perf_counter()
+        if not prompt.strip():
+            raise BadRequestError("prompt is empty")
+        if len(prompt) > self.settings.max_prompt_chars:
+            raise BadRequestError(
+                f"prompt has {len(prompt)} characters; limit {self.settings.max_prompt_chars}"
+            )
+        options.validate()
+        self.codec(codec_name)  # a bad codec name fails before any compute
+        image = decode_image(image_bytes, self.settings.max_image_bytes, self.settings.max_image_pixels)
+        if self._paired_with != self.fingerprint:
+            self.pair()
+        encoded = self.encode(image, codec_name, request_id)
+        requests = self.rx.build_requests(encoded.header, encoded.payload, prompt, options)
+        wire_bytes = sum(r.ByteSize() for r in requests)
+        for chunk in self.rx.stream_requests(requests):
+            if chunk.done:
+                chunk.timings.ms.update(encoded.timings_ms)
+                chunk.timings.ms["tx_total"] = (time.perf_counter() - started) * 1e3
+                chunk.wire_bytes = wire_bytes
+            yield chunk

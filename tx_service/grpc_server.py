@@ -1,0 +1,64 @@
+"""The Tx gRPC front end: TxService.Ask (image + prompt ─► streamed text) and Info."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+
+from shared.errors import SplitVlmError
+from shared.metrics import LATENCY, PAYLOAD_BYTES, REQUESTS
+from shared.protocol import pb, pb_grpc
+from shared.split import GenerationOptions
+from tx_service.engine import TxEngine
+
+log = logging.getLogger("splitvlm.tx")
+
+
+class TxServicer(pb_grpc.TxServiceServicer):
+    def __init__(self, engine: TxEngine) -> None:
+        self.engine = engine
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        return self.engine.info()
+
+    def Ask(self, request: pb.AskRequest, context: grpc.ServicerContext) -> Iterator[pb.TextChunk]:
+        started = time.perf_counter()
+        try:
+            opts = request.options
+            options = GenerationOptions(
+                max_new_tokens=opts.max_new_tokens or 32,
+                temperature=float(opts.temperature),
+                top_p=float(opts.top_p) or 1.0,
+                top_k=int(opts.top_k),
+                seed=int(opts.seed),
+            )
+            for chunk in self.engine.ask(
+                request.image, request.prompt, options, request.codec, request.request_id
+            ):
+                if chunk.done:
+                    PAYLOAD_BYTES.labels("tx").observe(chunk.payload_bytes)
+                yield chunk
+            REQUESTS.labels("tx", "Ask", "OK").inc()
+        except SplitVlmError as exc:
+            REQUESTS.labels("tx", "Ask", exc.grpc_code.name).inc()
+            log.info("rejected Ask: %s", exc)
+            context.abort(exc.grpc_code, str(exc))
+        finally:
+            LATENCY.labels("tx", "Ask").observe(time.perf_counter() - started)
+
+
+def create_grpc_server(engine: TxEngine, host: str, port: int, workers: int = 4) -> tuple[grpc.Server, int]:
+    limit = engine.settings.max_image_bytes + 64 * 1024
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tx-grpc"),
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 8 * 2**20)],
+    )
+    pb_grpc.add_TxServiceServicer_to_server(TxServicer(engine), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind the Tx gRPC server to {host}:{port}")
+    return server, bound
