@@ -13,13 +13,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from shared.models.registry import model_fingerprint, resolve_model
-
 from shared import __version__
 from shared.codecs import Codec, build_codec
 from shared.config import RxSettings
 from shared.errors import BadRequestError, CodecError, FingerprintMismatchError
 from shared.models.card import model_notice
+from shared.models.registry import model_fingerprint, resolve_model
 from shared.protocol import pb
 from shared.protocol.packet import (
     SUPPORTED_FORMAT_VERSIONS,

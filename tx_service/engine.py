@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from shared.models.registry import model_fingerprint, resolve_model
 
 from rx_service.client import RxClient
 from shared import __version__
@@ -24,6 +23,7 @@ from shared.config import TxSettings
 from shared.errors import BadRequestError, FingerprintMismatchError
 from shared.images import decode_image
 from shared.models.card import model_notice
+from shared.models.registry import model_fingerprint, resolve_model
 from shared.protocol import pb
 from shared.protocol.packet import (
     SUPPORTED_FORMAT_VERSIONS,
