@@ -142,6 +142,92 @@ def demo(
     _or_exit(lambda: run_demo(console, image, question, model, codec, max_new_tokens))
 
 
+@app.command("train-reference")
+def train_reference_cmd(
+    out: Annotated[Path, typer.Option(help="Folder to write the checkpoint into.")] = Path(
+        "shared/models/reference-llava"
+    ),
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1000,
+    images_per_step: Annotated[int, typer.Option(min=1)] = 16,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1.5e-3,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Model init seed; also picks the training scene seeds.")
+    ] = 0,
+    eval_images: Annotated[
+        int, typer.Option(min=1, help="Held-out scenes to score (2 questions each).")
+    ] = 300,
+) -> None:
+    """Train the reference VLM from scratch on synthetic scenes, score it, save it with a model card."""
+    from shared.reference.build import train_reference
+    from shared.reference.train import TrainConfig
+
+    cfg = TrainConfig(steps=steps, images_per_step=images_per_step, lr=lr, seed=seed)
+    result = train_reference(out, cfg, console, eval_images)
+    console.print(f"saved {out}; held-out accuracy {result.accuracy:.1%}")
+    for qtype, acc in result.per_type().items():
+        console.print(f"  {qtype:<10} {acc:.1%}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option(help="Model reference (see rx serve).")] = DEFAULT_MODEL,
+    codec: Annotated[
+        list[str] | None, typer.Option(help="Codec preset or spec for split inference; repeatable.")
+    ] = None,
+    split: Annotated[
+        SplitPoint, typer.Option(help="Where the model is cut.")
+    ] = SplitPoint.AFTER_VISION_TOWER,
+    images: Annotated[int, typer.Option(min=1, help="Held-out scenes (2 questions each).")] = 300,
+    unsplit: Annotated[bool, typer.Option(help="Also score the unsplit model.")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+) -> None:
+    """Exact-match accuracy on the held-out VQA set, unsplit and split through each codec."""
+    import json
+
+    from rich.progress import Progress
+
+    from shared.models.registry import resolve_model
+    from shared.reference.evaluate import evaluate_split, evaluate_unsplit, heldout_items
+
+    def run() -> None:
+        folder = resolve_model(model)
+        items = heldout_items(images)
+        results = []
+        with Progress(console=console, transient=True) as progress:
+            if unsplit:
+                results.append(evaluate_unsplit(folder, items, progress))
+            for spec in codec or []:
+                results.append(evaluate_split(folder, items, spec, split, progress))
+        console.print(eval_table(results))
+        if json_out:
+            json_out.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+
+    _or_exit(run)
+
+
+def eval_table(results: list[Any]) -> Table:
+    from shared.reference.scenes import QTYPES
+
+    table = Table(title="held-out VQA, exact match")
+    for col in ["run", "n", "accuracy", *QTYPES, "payload B", "vs fp16", "agree"]:
+        table.add_column(col, justify="left" if col == "run" else "right")
+    baseline = results[0] if results and results[0].name == "unsplit" else None
+    for r in results:
+        per = r.per_type()
+        fp16 = r.feature_bytes // 2 if r.feature_bytes else 0
+        payload = r.mean_payload_bytes
+        table.add_row(
+            r.name,
+            str(len(r.expected)),
+            f"{r.accuracy:.1%}",
+            *(f"{per[q]:.1%}" if q in per else "-" for q in QTYPES),
+            f"{payload:,.0f}" if payload else "-",
+            f"1/{fp16 / payload:.1f}" if payload and fp16 else "-",
+            f"{r.agreement(baseline):.1%}" if baseline is not None and r is not baseline else "-",
+        )
+    return table
+
+
 def _bytes_line(payload: int, wire: int, codec: str) -> str:
     return f"bytes sent: payload {payload:,} B, on the wire {wire:,} B (codec {codec})"
 
@@ -166,15 +252,6 @@ def _serve_forever(running: Any) -> None:
     except KeyboardInterrupt:
         console.print("stopping")
         running.stop()
-
-
-def timings_table(timings: dict[str, float]) -> Table:
-    table = Table(title="per-stage timings (ms)")
-    table.add_column("stage")
-    table.add_column("ms", justify="right")
-    for key, value in timings.items():
-        table.add_row(key, f"{value:.1f}")
-    return table
 
 
 def main() -> None:

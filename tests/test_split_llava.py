@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from shared.errors import BadRequestError, ModelError
-from shared.models.registry import DEFAULT_MODEL, model_fingerprint, resolve_model
+from shared.models.registry import model_fingerprint, resolve_model
 from shared.models.tiny_llava import TEXT_HIDDEN, TOKENS_PER_IMAGE, VISION_HIDDEN, build_tiny_llava
 from shared.split import (
     GenerationOptions,
@@ -27,6 +27,7 @@ from shared.split import (
 from shared.split.llava import LlavaRxHalf, LlavaTxHalf, truncate_at_stop
 from shared.split.reference import load_unsplit, unsplit_generate, unsplit_inputs
 
+TINY = "builtin:tiny-llava"
 NEW_TOKENS = 12
 
 
@@ -66,7 +67,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(cache_dir: Path) -> Path:
     """The built-in default model, generated through the registry into a temporary cache."""
-    return resolve_model(DEFAULT_MODEL, cache_dir=cache_dir)
+    return resolve_model(TINY, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="session")
@@ -173,7 +174,7 @@ def test_builtin_model_files(tiny: Path) -> None:
 
 def test_resolve_model_reuses_builtin_and_folders(tiny: Path, cache_dir: Path) -> None:
     mtime = (tiny / "model.safetensors").stat().st_mtime_ns
-    assert resolve_model(DEFAULT_MODEL, cache_dir=cache_dir) == tiny
+    assert resolve_model(TINY, cache_dir=cache_dir) == tiny
     assert (tiny / "model.safetensors").stat().st_mtime_ns == mtime
     assert resolve_model(str(tiny)) == tiny.resolve()
     with pytest.raises(ModelError, match="unknown built-in"):
@@ -186,7 +187,7 @@ def test_resolve_model_concurrent_first_use(tmp_path: Path) -> None:
 
     def worker() -> None:
         try:
-            results.append(resolve_model(DEFAULT_MODEL, cache_dir=tmp_path))
+            results.append(resolve_model(TINY, cache_dir=tmp_path))
         except BaseException as e:
             errors.append(e)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from shared.errors import ModelError
 
-DEFAULT_MODEL = "builtin:tiny-llava"
+DEFAULT_MODEL = "builtin:reference-llava"
 BUILTIN_PREFIX = "builtin:"
 CACHE_ENV = "SPLITVLM_CACHE_DIR"
 FINGERPRINTS_FILE = "fingerprints.json"
@@ -56,6 +56,12 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
+# Checkpoints that ship inside the package (trained, so they cannot be regenerated on the fly).
+SHIPPED_MODELS: dict[str, Path] = {
+    "builtin:reference-llava": Path(__file__).resolve().parent / "reference-llava",
+}
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "splitvlm"
@@ -81,7 +87,8 @@ def _ensure_builtin(ref: str, cache_dir: Path) -> Path:
     spec = BUILTIN_MODELS.get(ref)
     if spec is None:
         raise ModelError(
-            f"unknown built-in model {ref!r}; built-in models: {', '.join(sorted(BUILTIN_MODELS))}"
+            f"unknown built-in model {ref!r}; built-in models: "
+            f"{', '.join(sorted([*BUILTIN_MODELS, *SHIPPED_MODELS]))}"
         )
     models = cache_dir / "models"
     target = models / spec.folder_name
@@ -125,6 +132,14 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
     ref = str(ref).strip()
     if not ref:
         raise ModelError("empty model reference")
+    if ref in SHIPPED_MODELS:
+        folder = SHIPPED_MODELS[ref]
+        if not (folder / "config.json").is_file():
+            raise ModelError(
+                f"{ref} should ship in {folder} but is missing; reinstall splitvlm or retrain it with "
+                "`splitvlm train-reference`"
+            )
+        return folder
     if ref.startswith(BUILTIN_PREFIX):
         return _ensure_builtin(ref, _cache_dir(cache_dir))
 

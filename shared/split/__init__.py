@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from shared.errors import ModelError
 from shared.split.base import (
+    CodecSupport,
     GenerationOptions,
     RxHalf,
     SplitPoint,
@@ -28,6 +29,7 @@ from shared.split.base import (
 __all__ = [
     "ADAPTERS",
     "AdapterSpec",
+    "CodecSupport",
     "GenerationOptions",
     "RxHalf",
     "SplitPoint",
@@ -80,6 +82,30 @@ register_adapter(
     "shared.split.llava",
     architectures=("LlavaForConditionalGeneration", "LlavaModel"),
     model_types=("llava",),
+)
+register_adapter(
+    "qwen2_vl",
+    "shared.split.qwen2_vl",
+    architectures=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
+    model_types=("qwen2_vl",),
+)
+register_adapter(
+    "qwen2_5_vl",
+    "shared.split.qwen2_vl",
+    architectures=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
+    model_types=("qwen2_5_vl",),
+)
+register_adapter(
+    "qwen3_vl",
+    "shared.split.qwen3_vl",
+    architectures=("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
+    model_types=("qwen3_vl", "qwen3_vl_moe"),
+)
+register_adapter(
+    "idefics3",
+    "shared.split.idefics3",
+    architectures=("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"),
+    model_types=("idefics3", "smolvlm"),
 )
 
 

@@ -70,6 +70,22 @@ class GenerationOptions:
             raise BadRequestError(f"top_k must be >= 0, got {self.top_k}")
 
 
+@dataclass(frozen=True)
+class CodecSupport:
+    """What the Rx side of a split can accept, so codec configs are checked before inference.
+
+    token_reduction: the Rx accepts any order-preserving subset/merge of the visual tokens
+        (fewer tokens than the Tx produced) and builds the prompt for the count that arrives.
+    fold_linear: the first thing the Rx applies to each token is an ``nn.Linear`` (see
+        `RxHalf.leading_linear`), so a linear codec decoder can be folded into it.
+    reason: why a capability is missing (shown in the config-time error).
+    """
+
+    token_reduction: bool = False
+    fold_linear: bool = False
+    reason: str = ""
+
+
 # Called with each newly generated token id; lets servers stream text as it is produced.
 TokenCallback = Callable[[int], None]
 
@@ -93,6 +109,11 @@ class RxHalf(ABC):
 
     split_point: SplitPoint
     feature_dim: int  # the `dim` that `VisionFeatures.features` must have
+    codec_support: CodecSupport = CodecSupport(reason="not declared by this adapter")
+
+    def leading_linear(self) -> torch.nn.Linear | None:
+        """The connector's first Linear when `codec_support.fold_linear`, else None."""
+        return None
 
     @abstractmethod
     def build_inputs(self, prompt: str, features: VisionFeatures) -> dict[str, Any]:

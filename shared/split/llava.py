@@ -46,6 +46,7 @@ from transformers.utils import logging as hf_logging
 from shared.errors import BadRequestError, ModelError
 from shared.split import read_model_config
 from shared.split.base import (
+    CodecSupport,
     GenerationOptions,
     RxHalf,
     SplitPoint,
@@ -433,13 +434,25 @@ class LlavaRxHalf(RxHalf):
             self.model.model.multi_modal_projector = None
             self.projector = None
             self.feature_dim = int(config.text_config.hidden_size)
+            self.codec_support = CodecSupport(
+                token_reduction=True,
+                reason="split after the projector: the language model's first op is a norm, not a Linear",
+            )
         else:
             self.feature_dim = int(config.vision_config.hidden_size) * _num_feature_layers(config)
+            # LLaVA's projector maps each token on its own, starting with linear_1.
+            self.codec_support = CodecSupport(token_reduction=True, fold_linear=True)
 
         self.tokenizer = self.processor.tokenizer
         self.image_token = str(getattr(self.processor, "image_token", None) or "<image>")
         self.image_token_id = int(config.image_token_id)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
+
+    def leading_linear(self) -> nn.Linear | None:
+        if self.projector is None:
+            return None
+        first = getattr(self.projector, "linear_1", None)
+        return first if isinstance(first, nn.Linear) else None
 
     # -- inputs --------------------------------------------------------------------------
 

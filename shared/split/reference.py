@@ -8,15 +8,17 @@ and returns the new token ids under the same convention as `RxHalf.generate`
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
 from shared.errors import ModelError
-from shared.split import read_model_config
+from shared.split import adapter_for, read_model_config
 from shared.split.base import GenerationOptions
 from shared.split.llava import (
     chat_text,
@@ -26,6 +28,19 @@ from shared.split.llava import (
     stop_token_ids,
     truncate_at_stop,
 )
+
+
+def _processor_loader(folder: Path) -> Callable[[Path], Any]:
+    """`AutoProcessor.from_pretrained`, or the split adapter's ``load_processor`` where it has one.
+
+    (The Qwen-VL adapters have one: without torchvision, transformers cannot build those
+    families' video processors, and so no `AutoProcessor`; images need none.)
+    """
+    try:
+        module = importlib.import_module(adapter_for(folder).module)
+    except ModelError:
+        return cast(Callable[[Path], Any], AutoProcessor.from_pretrained)
+    return cast(Callable[[Path], Any], getattr(module, "load_processor", AutoProcessor.from_pretrained))
 
 
 def load_unsplit(
@@ -40,7 +55,7 @@ def load_unsplit(
         else AutoModelForImageTextToText
     )
     try:
-        processor = AutoProcessor.from_pretrained(folder)
+        processor = _processor_loader(Path(folder))(folder)
         with quiet_progress_bars():
             model = cls.from_pretrained(folder, dtype=dtype if dtype is not None else "auto")
     except Exception as e:  # transformers raises many kinds

@@ -1,0 +1,164 @@
+"""Exact-match VQA accuracy on the held-out scenes: unsplit, and split through a codec.
+
+    unsplit:  image, question ─► AutoProcessor ─► full model.generate ─► answer
+    split:    image ─► TxHalf ─► codec.encode ─► bytes ─► codec.decode ─► RxHalf.generate ─► answer
+
+The split path runs both halves in one process (no sockets) so that a whole
+held-out pass is quick; the loopback gRPC path is tested separately to give the
+same tokens.
+"""
+
+from __future__ import annotations
+
+import string
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from rich.progress import Progress
+
+from shared.codecs import build_codec
+from shared.reference.scenes import QA, QTYPES, Scene, heldout_set
+from shared.split import GenerationOptions, SplitPoint, VisionFeatures, load_rx_half, load_tx_half
+from shared.split.llava import generation_kwargs, stop_token_ids, truncate_at_stop
+from shared.split.reference import load_unsplit, unsplit_inputs
+
+ANSWER_OPTIONS = GenerationOptions(max_new_tokens=4)
+
+
+def normalize(answer: str) -> str:
+    return answer.strip().lower().strip(string.punctuation + " ")
+
+
+@dataclass
+class EvalResult:
+    """Answers for each held-out item plus the totals derived from them."""
+
+    name: str
+    qtypes: list[str]
+    expected: list[str]
+    answers: list[str]
+    payload_bytes: list[int] = field(default_factory=list)
+    feature_bytes: int = 0  # raw features per image at the split point, in the checkpoint dtype
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return sum(a == e for a, e in zip(self.answers, self.expected, strict=True)) / max(
+            1, len(self.expected)
+        )
+
+    def per_type(self) -> dict[str, float]:
+        total, right = Counter(self.qtypes), Counter[str]()
+        for q, a, e in zip(self.qtypes, self.answers, self.expected, strict=True):
+            right[q] += a == e
+        return {q: right[q] / total[q] for q in QTYPES if total[q]}
+
+    def agreement(self, other: EvalResult) -> float:
+        same = sum(a == b for a, b in zip(self.answers, other.answers, strict=True))
+        return same / max(1, len(self.answers))
+
+    @property
+    def mean_payload_bytes(self) -> float:
+        return sum(self.payload_bytes) / len(self.payload_bytes) if self.payload_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "n": len(self.expected),
+            "accuracy": self.accuracy,
+            "per_type": self.per_type(),
+            "mean_payload_bytes": self.mean_payload_bytes,
+            "feature_bytes": self.feature_bytes,
+            "seconds": self.seconds,
+        }
+
+
+def _by_image(items: Sequence[tuple[Scene, QA]]) -> Iterator[tuple[Image.Image, list[tuple[int, QA]]]]:
+    """Group consecutive items of one scene so each image is encoded once."""
+    group: list[tuple[int, QA]] = []
+    current: Scene | None = None
+    for i, (scene, qa) in enumerate(items):
+        if current is not None and scene.seed != current.seed:
+            yield current.image, group
+            group = []
+        current = scene
+        group.append((i, qa))
+    if current is not None:
+        yield current.image, group
+
+
+def evaluate_unsplit(
+    folder: Path, items: Sequence[tuple[Scene, QA]], progress: Progress | None = None
+) -> EvalResult:
+    processor, model = load_unsplit(folder)
+    stops = stop_token_ids(model, processor.tokenizer)
+    answers = [""] * len(items)
+    task = progress.add_task("unsplit", total=len(items)) if progress else None
+    started = time.perf_counter()
+    for image, group in _by_image(items):
+        for i, qa in group:
+            inputs = unsplit_inputs(processor, [image], qa.question)
+            n = int(inputs["input_ids"].shape[1])
+            with torch.inference_mode():
+                out = model.generate(**inputs, **generation_kwargs(ANSWER_OPTIONS))
+            ids = truncate_at_stop(out[0, n:].tolist(), stops)
+            answers[i] = normalize(processor.tokenizer.decode(ids, skip_special_tokens=True))
+            if progress and task is not None:
+                progress.advance(task)
+    return EvalResult(
+        name="unsplit",
+        qtypes=[qa.qtype for _, qa in items],
+        expected=[qa.answer for _, qa in items],
+        answers=answers,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def evaluate_split(
+    folder: Path,
+    items: Sequence[tuple[Scene, QA]],
+    codec_spec: str,
+    split_point: SplitPoint = SplitPoint.AFTER_VISION_TOWER,
+    progress: Progress | None = None,
+) -> EvalResult:
+    codec = build_codec(codec_spec)
+    tx, rx = load_tx_half(folder, split_point), load_rx_half(folder, split_point)
+    answers = [""] * len(items)
+    payloads: list[int] = []
+    feature_bytes = 0
+    task = progress.add_task(codec_spec, total=len(items)) if progress else None
+    started = time.perf_counter()
+    for image, group in _by_image(items):
+        with torch.inference_mode():
+            features = tx.encode(tx.preprocess([image]))
+        feats = features.features
+        feature_bytes = feats.numel() * feats.element_size()
+        payload = codec.encode(feats)
+        payloads.append(len(payload))
+        decoded = VisionFeatures(
+            codec.decode(payload, shape=tuple(feats.shape), dtype=feats.dtype), dict(features.meta)
+        )
+        for i, qa in group:
+            ids = rx.generate(qa.question, decoded, ANSWER_OPTIONS)
+            answers[i] = normalize(rx.decode_tokens(ids))
+            if progress and task is not None:
+                progress.advance(task)
+    return EvalResult(
+        name=codec.name,
+        qtypes=[qa.qtype for _, qa in items],
+        expected=[qa.answer for _, qa in items],
+        answers=answers,
+        payload_bytes=payloads,
+        feature_bytes=feature_bytes,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def heldout_items(n_images: int = 300, per_image: int = 2) -> list[tuple[Scene, QA]]:
+    return heldout_set(n_images=n_images, per_image=per_image)
