@@ -59,5 +59,6 @@ def test_cli_demo_runs_end_to_end(cache_dir: Path, model_dir: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "answer:" in out and "bytes sent:" in out and "tx_vision_encoder" in out and "rx_prefill" in out
-    # The default (reference) model answers a held-out scene's question; the demo shows the truth beside it.
-    assert "ground truth:" in out and "correct" in out and "wrong" not in out
+    # A held-out synthetic scene's question, with its ground truth printed beside the answer; the
+    # default (random-weight) model must say that its answers are meaningless.
+    assert "ground truth:" in out and "random" in out.lower()

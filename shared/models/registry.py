@@ -26,7 +26,8 @@ from pathlib import Path
 
 from shared.errors import ModelError
 
-DEFAULT_MODEL = "builtin:reference-llava"
+# The trained reference model (builtin:reference-llava) becomes the default once it ships.
+DEFAULT_MODEL = "builtin:tiny-llava"
 BUILTIN_PREFIX = "builtin:"
 CACHE_ENV = "SPLITVLM_CACHE_DIR"
 FINGERPRINTS_FILE = "fingerprints.json"
@@ -136,8 +137,8 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
         folder = SHIPPED_MODELS[ref]
         if not (folder / "config.json").is_file():
             raise ModelError(
-                f"{ref} should ship in {folder} but is missing; reinstall splitvlm or retrain it with "
-                "`splitvlm train-reference`"
+                f"{ref} is not in this install ({folder} has no checkpoint); train it with "
+                f"`splitvlm train-reference --out {folder}`"
             )
         return folder
     if ref.startswith(BUILTIN_PREFIX):

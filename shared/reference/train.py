@@ -27,7 +27,7 @@ from transformers import DynamicCache, LlavaForConditionalGeneration, LlavaProce
 
 from shared.models.tokenizer import EOS_TOKEN
 from shared.reference.model import new_reference_model, token_id
-from shared.reference.scenes import COLORS, QA, SHAPES, Scene, make_scene, training_seeds
+from shared.reference.scenes import COLORS, PLURALS, QA, SHAPES, Scene, make_scene, tokenize, training_seeds
 from shared.split.llava import chat_text
 
 IGNORE = -100
@@ -47,6 +47,8 @@ class TrainConfig:
     log_every: int = 50
     # Weight of the auxiliary per-patch loss (see `PatchLabels`); the head is dropped after training.
     aux_weight: float = 1.0
+    # Weight of the grounding loss on the last layer's attention (see `grounding_targets`).
+    ground_weight: float = 1.0
 
 
 def prompt_text(processor: LlavaProcessor, question: str) -> str:
@@ -133,6 +135,14 @@ class PatchLabels:
         centres = (torch.arange(grid, dtype=torch.float32) + 0.5) * patch
         self.ys, self.xs = torch.meshgrid(centres, centres, indexing="ij")
 
+    def object_masks(self, scene: Scene) -> torch.Tensor:
+        """``[objects, patches]``: which patches each object covers."""
+        masks = torch.zeros((len(scene.objects), self.xs.numel()), dtype=torch.bool)
+        for k, obj in enumerate(scene.objects):
+            reach = obj.radius * self.INSIDE[obj.shape] + self.half_patch
+            masks[k] = ((self.xs - obj.cx) ** 2 + (self.ys - obj.cy) ** 2 <= reach**2).flatten()
+        return masks
+
     def __call__(self, scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
         colors = torch.zeros((len(scenes), *self.xs.shape), dtype=torch.long)  # 0 = background
         shapes = torch.zeros_like(colors)
@@ -145,6 +155,39 @@ class PatchLabels:
         return colors.flatten(1), shapes.flatten(1)
 
 
+def evidence(scene: Scene, qa: QA) -> list[int]:
+    """Indices of the objects a question's answer depends on (empty: nothing to look at)."""
+    words = set(tokenize(qa.question))
+    colors = words & set(COLORS)
+    shapes = {s for s in SHAPES if s in words or PLURALS[s] in words}
+    found = [
+        k
+        for k, o in enumerate(scene.objects)
+        if (not colors or o.color in colors) and (not shapes or o.shape in shapes)
+    ]
+    if not found and qa.qtype == "presence":  # "no": the evidence is what is there instead
+        found = [k for k, o in enumerate(scene.objects) if o.color in colors or o.shape in shapes]
+    return found
+
+
+def grounding_targets(labels: PatchLabels, scenes: list[Scene]) -> torch.Tensor:
+    """``[qas, patches]`` masks of the patches each QA's answer depends on.
+
+    Why: the language model has to learn to look up the right patches among 256 before
+    any answer gets better than the per-question prior, and from scratch that plateau
+    lasts thousands of steps. Telling the last layer's attention where to look (the
+    union of the evidence objects' patches) removes the plateau; the attention weights
+    themselves stay free, only their mass on the evidence is rewarded.
+    """
+    rows = []
+    for scene in scenes:
+        masks = labels.object_masks(scene)
+        for qa in scene.qas:
+            picked = evidence(scene, qa)
+            rows.append(masks[picked].any(0) if picked else torch.zeros(masks.shape[1], dtype=torch.bool))
+    return torch.stack(rows)
+
+
 def forward_loss(
     model: LlavaForConditionalGeneration,
     batcher: Batcher,
@@ -155,8 +198,12 @@ def forward_loss(
     image_index: torch.Tensor,
     probe: torch.nn.Module | None = None,
     patch_targets: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Cross-entropy on the answer tokens, the patch probe's loss (or None), per-QA exact match."""
+    ground: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Answer cross-entropy, patch-probe loss, grounding loss (None when not asked), exact match.
+
+    `ground` (``[qas, patches]`` bool) needs the language model in eager attention.
+    """
     cfg = model.config
     n_images = pixel_values.shape[0]
     vision = model.model.vision_tower(pixel_values, output_hidden_states=True)
@@ -180,13 +227,26 @@ def forward_loss(
     p_len, s_len = prefix.shape[1], ids.shape[1]
     attention = torch.cat([torch.ones(ids.shape[0], p_len, dtype=mask.dtype), mask], dim=1)
     positions = torch.arange(p_len, p_len + s_len)
-    hidden = lm(
+    out = lm(
         inputs_embeds=embed(ids),
         attention_mask=attention,
         past_key_values=shared,
         position_ids=positions.expand(ids.shape[0], -1),
         cache_position=positions,
-    ).last_hidden_state
+        output_attentions=ground is not None,
+    )
+    hidden = out.last_hidden_state
+    ground_loss = None
+    if ground is not None:
+        # The row that predicts the first answer token, over the image positions of the prefix.
+        answer_row = (labels != IGNORE).int().argmax(dim=1) - 1
+        image_cols = (prefix[0] == batcher.image_token_id).nonzero().squeeze(1)
+        last = out.attentions[-1]  # [qas, heads, suffix, prefix + suffix]
+        rows = last[torch.arange(last.shape[0]), :, answer_row]  # [qas, heads, keys]
+        mass = (rows[:, :, image_cols] * ground[:, None, :]).sum(-1).mean(1)
+        valid = ground.any(1)
+        if bool(valid.any()):
+            ground_loss = -torch.log(mass[valid] + 1e-6).mean()
     # Suffix position t predicts suffix token t+1; only answer positions reach lm_head.
     target = labels[:, 1:]
     pick = target != IGNORE
@@ -195,7 +255,7 @@ def forward_loss(
     right = torch.zeros_like(target, dtype=torch.bool)
     right[pick] = logits.argmax(-1) == target[pick]
     exact = (right | ~pick).all(dim=1)
-    return loss, aux, exact
+    return loss, aux, ground_loss, exact
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -217,6 +277,8 @@ def train(
     vision_cfg: Any = model.config.vision_config
     labels_for = PatchLabels(vision_cfg.image_size // vision_cfg.patch_size, vision_cfg.patch_size)
     probe = torch.nn.Linear(vision_cfg.hidden_size, len(COLORS) + len(SHAPES) + 2) if cfg.aux_weight else None
+    if cfg.ground_weight:
+        model.set_attn_implementation("eager")  # attention weights for the grounding loss
     params = [*model.named_parameters(), *(probe.named_parameters("probe") if probe else [])]
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
@@ -228,7 +290,7 @@ def train(
     seeds = training_seeds(cfg.seed * 1_000_000)
     log = open(log_path, "w") if log_path else None  # noqa: SIM115
     started = time.perf_counter()
-    window_loss, window_aux, window_exact, window_n = 0.0, 0.0, 0.0, 0
+    window_loss, window_aux, window_ground, window_exact, window_n = 0.0, 0.0, 0.0, 0.0, 0
     columns = (
         TextColumn("[bold]train[/]"),
         BarColumn(),
@@ -251,16 +313,22 @@ def train(
             for group in optim.param_groups:
                 group["lr"] = lr_at(step, cfg)
             targets = labels_for(scenes) if probe is not None else None
-            loss, aux, exact = forward_loss(
-                model, batcher, pixel_values, ids, labels, mask, image_index, probe, targets
+            ground = grounding_targets(labels_for, scenes) if cfg.ground_weight else None
+            loss, aux, ground_loss, exact = forward_loss(
+                model, batcher, pixel_values, ids, labels, mask, image_index, probe, targets, ground
             )
-            total = loss if aux is None else loss + cfg.aux_weight * aux
+            total = loss
+            if aux is not None:
+                total = total + cfg.aux_weight * aux
+            if ground_loss is not None:
+                total = total + cfg.ground_weight * ground_loss
             optim.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
             optim.step()
             window_loss += float(loss.detach()) * len(qas)
             window_aux += float(aux.detach()) if aux is not None else 0.0
+            window_ground += float(ground_loss.detach()) if ground_loss is not None else 0.0
             window_exact += float(exact.float().sum())
             window_n += len(qas)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -269,6 +337,7 @@ def train(
                     "loss": window_loss / window_n,
                     "train_acc": window_exact / window_n,
                     "patch_loss": window_aux / (window_n / len(qas)),
+                    "ground_loss": window_ground / (window_n / len(qas)),
                     "lr": lr_at(step, cfg),
                     "elapsed_s": round(time.perf_counter() - started, 1),
                 }
@@ -276,10 +345,12 @@ def train(
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                 progress.update(task, status=f"loss {row['loss']:.3f} acc {row['train_acc']:.3f}")
-                window_loss, window_aux, window_exact, window_n = 0.0, 0.0, 0.0, 0
+                window_loss, window_aux, window_ground, window_exact, window_n = 0.0, 0.0, 0.0, 0.0, 0
             progress.advance(task)
     if log:
         log.close()
+    if cfg.ground_weight:
+        model.set_attn_implementation("sdpa")
     model.eval()
     return model, processor
 
