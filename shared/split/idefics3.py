@@ -56,24 +56,19 @@ from shared.errors import BadRequestError, ModelError
 from shared.split import read_model_config
 from shared.split.base import (
     CodecSupport,
-    GenerationOptions,
     RxHalf,
     SplitPoint,
-    TokenCallback,
     TxHalf,
     VisionFeatures,
 )
 from shared.split.llava import (
-    _TokenStreamer,
+    HfRxHalf,
     chat_text,
     checkpoint_key_files,
-    generation_kwargs,
     load_part,
     quiet_progress_bars,
     resolve_dtype,
-    seeded,
     stop_token_ids,
-    truncate_at_stop,
 )
 
 ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
@@ -333,7 +328,7 @@ class Idefics3TxHalf(TxHalf):
         )
 
 
-class Idefics3RxHalf(RxHalf):
+class Idefics3RxHalf(HfRxHalf):
     """(Connector +) language model + generation; no vision model."""
 
     def __init__(
@@ -503,25 +498,6 @@ class Idefics3RxHalf(RxHalf):
             mask = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(mask, image_embeds)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": embeds}
-
-    # -- generation ----------------------------------------------------------------------
-
-    def generate(
-        self,
-        prompt: str,
-        features: VisionFeatures,
-        options: GenerationOptions,
-        on_token: TokenCallback | None = None,
-    ) -> list[int]:
-        inputs = self.build_inputs(prompt, features)
-        prompt_len = int(inputs["input_ids"].shape[1])
-        streamer = _TokenStreamer(on_token, self.stop_ids) if on_token is not None else None
-        with torch.inference_mode(), seeded(options, self.device):
-            out = self.model.generate(**inputs, **generation_kwargs(options), streamer=streamer)
-        return truncate_at_stop(out[0, prompt_len:].tolist(), self.stop_ids)
-
-    def decode_tokens(self, token_ids: list[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
 
 def load_tx_half(

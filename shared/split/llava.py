@@ -399,7 +399,37 @@ class LlavaTxHalf(TxHalf):
         )
 
 
-class LlavaRxHalf(RxHalf):
+class HfRxHalf(RxHalf):
+    """Generation shared by the Hugging Face adapters: `build_inputs` then `model.generate`.
+
+    Subclasses set ``model``, ``tokenizer``, ``stop_ids`` and ``device`` and implement
+    `build_inputs` (whatever keyword arguments their model's `generate` needs).
+    """
+
+    model: Any
+    tokenizer: Any
+    stop_ids: set[int]
+    device: torch.device
+
+    def generate(
+        self,
+        prompt: str,
+        features: VisionFeatures,
+        options: GenerationOptions,
+        on_token: TokenCallback | None = None,
+    ) -> list[int]:
+        inputs = self.build_inputs(prompt, features)
+        prompt_len = int(inputs["input_ids"].shape[1])
+        streamer = _TokenStreamer(on_token, self.stop_ids) if on_token is not None else None
+        with torch.inference_mode(), seeded(options, self.device):
+            out = self.model.generate(**inputs, **generation_kwargs(options), streamer=streamer)
+        return truncate_at_stop(out[0, prompt_len:].tolist(), self.stop_ids)
+
+    def decode_tokens(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
+
+
+class LlavaRxHalf(HfRxHalf):
     """(Projector +) language model + generation; no vision tower."""
 
     def __init__(
@@ -516,25 +546,6 @@ class LlavaRxHalf(RxHalf):
             mask = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(mask, image_embeds)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": embeds}
-
-    # -- generation ----------------------------------------------------------------------
-
-    def generate(
-        self,
-        prompt: str,
-        features: VisionFeatures,
-        options: GenerationOptions,
-        on_token: TokenCallback | None = None,
-    ) -> list[int]:
-        inputs = self.build_inputs(prompt, features)
-        prompt_len = int(inputs["input_ids"].shape[1])
-        streamer = _TokenStreamer(on_token, self.stop_ids) if on_token is not None else None
-        with torch.inference_mode(), seeded(options, self.device):
-            out = self.model.generate(**inputs, **generation_kwargs(options), streamer=streamer)
-        return truncate_at_stop(out[0, prompt_len:].tolist(), self.stop_ids)
-
-    def decode_tokens(self, token_ids: list[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
 
 def load_tx_half(

@@ -60,24 +60,19 @@ from shared.errors import BadRequestError, ModelError
 from shared.split import read_model_config
 from shared.split.base import (
     CodecSupport,
-    GenerationOptions,
     RxHalf,
     SplitPoint,
-    TokenCallback,
     TxHalf,
     VisionFeatures,
 )
 from shared.split.llava import (
-    _TokenStreamer,
+    HfRxHalf,
     chat_text,
     checkpoint_key_files,
-    generation_kwargs,
     load_part,
     quiet_progress_bars,
     resolve_dtype,
-    seeded,
     stop_token_ids,
-    truncate_at_stop,
 )
 
 log = logging.getLogger(__name__)
@@ -273,7 +268,7 @@ class Qwen3VLTxHalf(TxHalf):
         )
 
 
-class Qwen3VLRxHalf(RxHalf):
+class Qwen3VLRxHalf(HfRxHalf):
     """(Mergers +) language model + generation; no vision blocks."""
 
     def __init__(
@@ -458,25 +453,6 @@ class Qwen3VLRxHalf(RxHalf):
             "image_grid_thw": torch.tensor(grids, dtype=torch.long, device=self.device),
             "mm_encoder_outputs": {"image": self.image_encoder_outputs(features.features, tokens)},
         }
-
-    # -- generation ----------------------------------------------------------------------
-
-    def generate(
-        self,
-        prompt: str,
-        features: VisionFeatures,
-        options: GenerationOptions,
-        on_token: TokenCallback | None = None,
-    ) -> list[int]:
-        inputs = self.build_inputs(prompt, features)
-        prompt_len = int(inputs["input_ids"].shape[1])
-        streamer = _TokenStreamer(on_token, self.stop_ids) if on_token is not None else None
-        with torch.inference_mode(), seeded(options, self.device):
-            out = self.model.generate(**inputs, **generation_kwargs(options), streamer=streamer)
-        return truncate_at_stop(out[0, prompt_len:].tolist(), self.stop_ids)
-
-    def decode_tokens(self, token_ids: list[int]) -> str:
-        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
 
 def load_tx_half(
