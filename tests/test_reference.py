@@ -58,6 +58,22 @@ def test_prefix_shared_training_loss_equals_full_sequence_loss() -> None:
     assert math.isclose(float(loss), float(full.loss), rel_tol=1e-5)
 
 
+def test_question_first_training_loss_equals_the_model_forward_loss() -> None:
+    model, processor = new_reference_model(seed=4, question_first=True)
+    model.eval()
+    batcher = Batcher(processor, int(model.config.image_token_index), int(model.config.image_seq_length))
+    assert not batcher.shared_prefix
+    scenes = [make_scene(seed) for seed in (5, 6)]
+    qas = [qa for s in scenes for qa in s.qas]
+    index = torch.tensor([i for i, s in enumerate(scenes) for _ in s.qas])
+    pixels = batcher.pixels([s.image for s in scenes])
+    ids, labels, mask = batcher.full(qas)
+    with torch.no_grad():
+        loss, _, _, _ = forward_loss(model, batcher, pixels, ids, labels, mask, index)
+        full = model(input_ids=ids, pixel_values=pixels[index], attention_mask=mask, labels=labels)
+    assert math.isclose(float(loss), float(full.loss), rel_tol=1e-5)
+
+
 def test_grounding_targets_cover_the_named_objects() -> None:
     labels = PatchLabels(grid=16, patch=8)
     for seed in range(20):

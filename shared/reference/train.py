@@ -27,7 +27,17 @@ from transformers import DynamicCache, LlavaForConditionalGeneration, LlavaProce
 
 from shared.models.tokenizer import EOS_TOKEN
 from shared.reference.model import new_reference_model, token_id
-from shared.reference.scenes import COLORS, PLURALS, QA, SHAPES, Scene, make_scene, tokenize, training_seeds
+from shared.reference.scenes import (
+    COLORS,
+    PLURALS,
+    QA,
+    QTYPES,
+    SHAPES,
+    Scene,
+    make_scene,
+    tokenize,
+    training_seeds,
+)
 from shared.split.llava import chat_text
 
 IGNORE = -100
@@ -49,6 +59,8 @@ class TrainConfig:
     aux_weight: float = 1.0
     # Weight of the grounding loss on the last layer's attention (see `grounding_targets`).
     ground_weight: float = 1.0
+    # Chat template with the question before the image (see `model.QUESTION_FIRST_TEMPLATE`).
+    question_first: bool = False
 
 
 def prompt_text(processor: LlavaProcessor, question: str) -> str:
@@ -73,6 +85,9 @@ class Batcher:
         sample = self.full_prompt_ids("is there a red circle?", tokens_per_image)
         last_image = max(i for i, t in enumerate(sample) if t == image_token_id)
         self.prefix_ids = sample[: last_image + 1]
+        # Image first (LLaVA-1.5 order): the prefix is shared by all questions of an image.
+        other = self.full_prompt_ids("how many objects are there?", tokens_per_image)
+        self.shared_prefix = other[: last_image + 1] == self.prefix_ids
         self._suffix_cache: dict[str, list[int]] = {}
         self.tokens_per_image = tokens_per_image
 
@@ -95,12 +110,24 @@ class Batcher:
             self._suffix_cache[question] = ids
         return ids
 
+    def full(self, qas: list[QA]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Whole sequences (prompt with image tokens + answer), right-padded."""
+        rows = [
+            (self.full_prompt_ids(qa.question, self.tokens_per_image), self.answer_ids(qa.answer))
+            for qa in qas
+        ]
+        return self._pad(rows)
+
     def answer_ids(self, answer: str) -> list[int]:
         return [*self.tokenizer(answer, add_special_tokens=False)["input_ids"], self.eos_id]
 
     def suffixes(self, qas: list[QA]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Question + answer tokens per QA, right-padded; labels mark the answer tokens."""
-        rows = [(self.suffix_ids(qa.question), self.answer_ids(qa.answer)) for qa in qas]
+        return self._pad([(self.suffix_ids(qa.question), self.answer_ids(qa.answer)) for qa in qas])
+
+    def _pad(
+        self, rows: list[tuple[list[int], list[int]]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         width = max(len(q) + len(a) for q, a in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -202,10 +229,11 @@ def forward_loss(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Answer cross-entropy, patch-probe loss, grounding loss (None when not asked), exact match.
 
-    `ground` (``[qas, patches]`` bool) needs the language model in eager attention.
+    ``ids``/``labels``/``mask`` are `Batcher.suffixes` (image-first template, shared prefix)
+    or `Batcher.full` (question-first template). `ground` (``[qas, patches]`` bool) needs
+    the language model in eager attention.
     """
     cfg = model.config
-    n_images = pixel_values.shape[0]
     vision = model.model.vision_tower(pixel_values, output_hidden_states=True)
     patches = vision.hidden_states[cfg.vision_feature_layer][:, 1:]
     aux = None
@@ -215,39 +243,36 @@ def forward_loss(
         aux = aux + torch.nn.functional.cross_entropy(logits_s.flatten(0, 1), patch_targets[1].flatten())
     feats = model.model.multi_modal_projector(patches)  # [images, tokens, text_hidden]
     embed = model.get_input_embeddings()
-    prefix = torch.tensor(batcher.prefix_ids).expand(n_images, -1)
-    prefix_embeds = embed(prefix).masked_scatter(
-        (prefix == batcher.image_token_id).unsqueeze(-1), feats.to(embed.weight.dtype)
-    )
     lm = model.model.language_model
-    prefix_out = lm(inputs_embeds=prefix_embeds, use_cache=True)
-    shared = DynamicCache()
-    for layer_idx, layer in enumerate(prefix_out.past_key_values.layers):
-        shared.update(layer.keys[image_index], layer.values[image_index], layer_idx)
-    p_len, s_len = prefix.shape[1], ids.shape[1]
-    attention = torch.cat([torch.ones(ids.shape[0], p_len, dtype=mask.dtype), mask], dim=1)
-    positions = torch.arange(p_len, p_len + s_len)
-    out = lm(
-        inputs_embeds=embed(ids),
-        attention_mask=attention,
-        past_key_values=shared,
-        position_ids=positions.expand(ids.shape[0], -1),
-        cache_position=positions,
-        output_attentions=ground is not None,
-    )
+    want_attn = ground is not None
+    if batcher.shared_prefix:
+        prefix = torch.tensor(batcher.prefix_ids).expand(feats.shape[0], -1)
+        prefix_embeds = embed(prefix).masked_scatter(
+            (prefix == batcher.image_token_id).unsqueeze(-1), feats.to(embed.weight.dtype)
+        )
+        prefix_out = lm(inputs_embeds=prefix_embeds, use_cache=True)
+        shared = DynamicCache()
+        for layer_idx, layer in enumerate(prefix_out.past_key_values.layers):
+            shared.update(layer.keys[image_index], layer.values[image_index], layer_idx)
+        p_len, s_len = prefix.shape[1], ids.shape[1]
+        attention = torch.cat([torch.ones(ids.shape[0], p_len, dtype=mask.dtype), mask], dim=1)
+        positions = torch.arange(p_len, p_len + s_len)
+        out = lm(
+            inputs_embeds=embed(ids),
+            attention_mask=attention,
+            past_key_values=shared,
+            position_ids=positions.expand(ids.shape[0], -1),
+            cache_position=positions,
+            output_attentions=want_attn,
+        )
+        image_cols = (prefix[0] == batcher.image_token_id).nonzero().squeeze(1).expand(ids.shape[0], -1)
+    else:
+        image_pos = ids == batcher.image_token_id
+        embeds = embed(ids).masked_scatter(image_pos.unsqueeze(-1), feats[image_index].to(embed.weight.dtype))
+        out = lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=want_attn)
+        image_cols = image_pos.nonzero(as_tuple=True)[1].view(ids.shape[0], -1)
     hidden = out.last_hidden_state
-    ground_loss = None
-    if ground is not None:
-        # The row that predicts the first answer token, over the image positions of the prefix.
-        answer_row = (labels != IGNORE).int().argmax(dim=1) - 1
-        image_cols = (prefix[0] == batcher.image_token_id).nonzero().squeeze(1)
-        last = out.attentions[-1]  # [qas, heads, suffix, prefix + suffix]
-        rows = last[torch.arange(last.shape[0]), :, answer_row]  # [qas, heads, keys]
-        mass = (rows[:, :, image_cols] * ground[:, None, :]).sum(-1).mean(1)
-        valid = ground.any(1)
-        if bool(valid.any()):
-            ground_loss = -torch.log(mass[valid] + 1e-6).mean()
-    # Suffix position t predicts suffix token t+1; only answer positions reach lm_head.
+    # Position t predicts token t+1; only answer positions reach lm_head.
     target = labels[:, 1:]
     pick = target != IGNORE
     logits = model.lm_head(hidden[:, :-1][pick])
@@ -255,6 +280,18 @@ def forward_loss(
     right = torch.zeros_like(target, dtype=torch.bool)
     right[pick] = logits.argmax(-1) == target[pick]
     exact = (right | ~pick).all(dim=1)
+    ground_loss = None
+    if ground is not None:
+        # The last layer's attention from the row that predicts the first answer token,
+        # over the image positions: reward its mass on the evidence patches.
+        answer_row = (labels != IGNORE).int().argmax(dim=1) - 1
+        last = out.attentions[-1]  # [qas, heads, queries, keys]
+        rows = last[torch.arange(last.shape[0]), :, answer_row]  # [qas, heads, keys]
+        on_image = rows.gather(2, image_cols.unsqueeze(1).expand(-1, rows.shape[1], -1))
+        mass = (on_image * ground[:, None, :]).sum(-1).mean(1)
+        valid = ground.any(1)
+        if bool(valid.any()):
+            ground_loss = -torch.log(mass[valid] + 1e-6).mean()
     return loss, aux, ground_loss, exact
 
 
@@ -270,7 +307,7 @@ def train(
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, processor = new_reference_model(cfg.seed)
+    model, processor = new_reference_model(cfg.seed, cfg.question_first)
     model.train()
     image_token_id = int(model.config.image_token_index)
     batcher = Batcher(processor, image_token_id, int(model.config.image_seq_length))
@@ -291,6 +328,7 @@ def train(
     log = open(log_path, "w") if log_path else None  # noqa: SIM115
     started = time.perf_counter()
     window_loss, window_aux, window_ground, window_exact, window_n = 0.0, 0.0, 0.0, 0.0, 0
+    per_type: dict[str, list[int]] = {q: [0, 0] for q in QTYPES}
     columns = (
         TextColumn("[bold]train[/]"),
         BarColumn(),
@@ -309,7 +347,7 @@ def train(
             qas = [qa for s in scenes for qa in s.qas]
             image_index = torch.tensor([i for i, s in enumerate(scenes) for _ in s.qas])
             pixel_values = batcher.pixels([s.image for s in scenes])
-            ids, labels, mask = batcher.suffixes(qas)
+            ids, labels, mask = batcher.suffixes(qas) if batcher.shared_prefix else batcher.full(qas)
             for group in optim.param_groups:
                 group["lr"] = lr_at(step, cfg)
             targets = labels_for(scenes) if probe is not None else None
@@ -330,6 +368,9 @@ def train(
             window_aux += float(aux.detach()) if aux is not None else 0.0
             window_ground += float(ground_loss.detach()) if ground_loss is not None else 0.0
             window_exact += float(exact.float().sum())
+            for qa, ok in zip(qas, exact.tolist(), strict=True):
+                per_type[qa.qtype][0] += int(ok)
+                per_type[qa.qtype][1] += 1
             window_n += len(qas)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 row = {
@@ -338,6 +379,7 @@ def train(
                     "train_acc": window_exact / window_n,
                     "patch_loss": window_aux / (window_n / len(qas)),
                     "ground_loss": window_ground / (window_n / len(qas)),
+                    "train_acc_by_type": {q: round(r / n, 3) for q, (r, n) in per_type.items() if n},
                     "lr": lr_at(step, cfg),
                     "elapsed_s": round(time.perf_counter() - started, 1),
                 }
@@ -346,6 +388,7 @@ def train(
                     log.flush()
                 progress.update(task, status=f"loss {row['loss']:.3f} acc {row['train_acc']:.3f}")
                 window_loss, window_aux, window_ground, window_exact, window_n = 0.0, 0.0, 0.0, 0.0, 0
+                per_type = {q: [0, 0] for q in QTYPES}
             progress.advance(task)
     if log:
         log.close()
