@@ -209,7 +209,7 @@ def eval_table(results: list[Any]) -> Table:
     from shared.reference.scenes import QTYPES
 
     table = Table(title="held-out VQA, exact match")
-    for col in ["run", "n", "accuracy", *QTYPES, "payload B", "vs fp16", "agree"]:
+    for col in ["run", "n", "accuracy", *QTYPES, "payload B", "÷ fp16 B", "agree"]:
         table.add_column(col, justify="left" if col == "run" else "right")
     baseline = results[0] if results and results[0].name == "unsplit" else None
     for r in results:
@@ -222,7 +222,7 @@ def eval_table(results: list[Any]) -> Table:
             f"{r.accuracy:.1%}",
             *(f"{per[q]:.1%}" if q in per else "-" for q in QTYPES),
             f"{payload:,.0f}" if payload else "-",
-            f"1/{fp16 / payload:.1f}" if payload and fp16 else "-",
+            f"{payload / fp16:.3f}" if payload and fp16 else "-",
             f"{r.agreement(baseline):.1%}" if baseline is not None and r is not baseline else "-",
         )
     return table
