@@ -269,3 +269,32 @@ def test_http_bad_inputs_get_4xx_and_server_keeps_serving(rx: Any, tx: Any, imag
 
     resp = _post(rx, good)
     assert resp.status_code == 200 and resp.json()["token_ids"]
+
+
+def test_lossless_split_after_projector_over_grpc_matches_unsplit(
+    cache_dir: Path, model_dir: Path, images: list
+) -> None:
+    from rx_service.server import start_rx
+    from shared.config import RxSettings, TxSettings
+    from shared.split import SplitPoint
+    from tx_service.server import start_tx
+
+    split = SplitPoint.AFTER_PROJECTOR
+    rx = start_rx(RxSettings(split_point=split, grpc_port=0, http_port=0, cache_dir=cache_dir), http=False)
+    try:
+        tx = start_tx(
+            TxSettings(split_point=split, port=0, rx_address=rx.grpc_address, cache_dir=cache_dir),
+            require_rx=True,
+        )
+        try:
+            with TxClient(tx.address) as client:
+                answer = client.ask(images[1], PROMPTS[1], codec="lossless", max_new_tokens=NEW_TOKENS)
+        finally:
+            tx.stop()
+    finally:
+        rx.stop()
+    assert answer.token_ids == unsplit_generate(model_dir, [images[1]], PROMPTS[1], _options())
+    # After the projector the features live in the LLM's width: 64 tokens x TEXT_HIDDEN fp32.
+    from shared.models.tiny_llava import TEXT_HIDDEN, TOKENS_PER_IMAGE
+
+    assert answer.feature_bytes == TOKENS_PER_IMAGE * TEXT_HIDDEN * 4
