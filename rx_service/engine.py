@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from shared import __version__
 from shared.codecs import Codec, build_codec
+from shared.codecs.calibrate import build_codec_with, load_artifacts
+from shared.codecs.calibration import CalibrationArtifact
 from shared.config import RxSettings
 from shared.errors import BadRequestError, CodecError, FingerprintMismatchError
 from shared.models.card import model_notice
@@ -29,7 +31,7 @@ from shared.protocol.packet import (
     validate_header,
     verify_payload,
 )
-from shared.split import GenerationOptions, RxHalf, VisionFeatures, load_rx_half
+from shared.split import GenerationOptions, RxHalf, VisionFeatures, check_codec_support, load_rx_half
 from shared.textstream import IncrementalDetokenizer
 
 log = logging.getLogger("splitvlm.rx")
@@ -46,6 +48,8 @@ class RxEngine:
     architecture: str = ""
     notice: str = ""
     codecs: dict[str, Codec] = field(default_factory=dict)  # by codec fingerprint
+    # Calibration artifacts by the canonical codec spec they were fitted for (settings.codec_artifacts).
+    artifacts: dict[str, CalibrationArtifact] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -59,9 +63,14 @@ class RxEngine:
             fingerprint=model_fingerprint(folder, settings.cache_dir),
             architecture=type(half).__name__,
             notice=model_notice(folder),
+            artifacts=load_artifacts(settings.codec_artifacts, model_fingerprint(folder, settings.cache_dir)),
         )
         for spec in settings.codecs:
-            codec = build_codec(spec)
+            codec = build_codec_with(spec, engine.artifacts)
+            engine.codecs[codec.fingerprint] = codec
+        # Every calibrated codec this Rx holds an artifact for is accepted (and advertised in Info).
+        for spec, artifact in engine.artifacts.items():
+            codec = build_codec(spec, artifact=artifact)
             engine.codecs[codec.fingerprint] = codec
         return engine
 
@@ -102,14 +111,17 @@ class RxEngine:
                 f"packet features have dim {header.shape[1]}, this model's {split.value} features have "
                 f"dim {self.half.feature_dim}"
             )
-        return self._codec_for(header)
+        codec = self._codec_for(header)
+        family = self.architecture or type(self.half).__name__
+        check_codec_support(codec, self.half.codec_support, f"{family} ({self.model_id})")
+        return codec
 
     def _codec_for(self, header: pb.FeatureHeader) -> Codec:
         codec = self.codecs.get(header.codec_fingerprint)
         if codec is not None:
             return codec
         try:
-            codec = build_codec(header.codec_spec)
+            codec = build_codec_with(header.codec_spec, self.artifacts)
         except CodecError as exc:
             raise CodecError(f"packet codec spec {header.codec_spec!r} is not usable here: {exc}") from None
         if codec.fingerprint != header.codec_fingerprint:
@@ -118,7 +130,7 @@ class RxEngine:
                 f"{header.codec_fingerprint or '<none>'}, this Rx computes {codec.fingerprint} "
                 "(calibrated codecs need the same artifact on both sides)"
             )
-        if len(self.codecs) < len(self.settings.codecs) + _MAX_EXTRA_CODECS:
+        if len(self.codecs) < len(self.settings.codecs) + len(self.artifacts) + _MAX_EXTRA_CODECS:
             self.codecs[codec.fingerprint] = codec
         return codec
 

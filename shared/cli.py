@@ -4,6 +4,7 @@ splitvlm rx serve                       # Rx: gRPC :50061 + HTTP :8061
 splitvlm tx serve --rx HOST:PORT        # Tx: gRPC :50051
 splitvlm ask IMAGE "question"           # ask a running Tx
 splitvlm demo                           # both services on loopback, one question, then exit
+splitvlm calibrate --synthetic 32 --codec 'pca:k=16|int8|zstd' --out a   # fit a calibrated codec
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ ModelOpt = Annotated[
     str | None,
     typer.Option(
         help=f"Hub id (from the local HF cache), local folder, or builtin:NAME [default: {DEFAULT_MODEL}]."
+    ),
+]
+ArtifactOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--codec-artifact",
+        help="Calibration artifact (from `splitvlm calibrate`) for a calibrated codec; repeatable.",
     ),
 ]
 SplitOpt = Annotated[
@@ -69,12 +77,19 @@ def rx_serve(
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port.")] = None,
     http_port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
     split: SplitOpt = None,
+    codec_artifact: ArtifactOpt = None,
 ) -> None:
     """Serve the Rx (gRPC + HTTP) until interrupted."""
     from rx_service.server import start_rx
 
     settings = _settings(
-        RxSettings, model=model, host=host, grpc_port=grpc_port, http_port=http_port, split_point=split
+        RxSettings,
+        model=model,
+        host=host,
+        grpc_port=grpc_port,
+        http_port=http_port,
+        split_point=split,
+        codec_artifacts=codec_artifact or None,
     )
     with console.status(f"loading {settings.model} (Rx half)"):
         running = _or_exit(lambda: start_rx(settings))
@@ -91,12 +106,20 @@ def tx_serve(
     port: Annotated[int | None, typer.Option(help="gRPC port.")] = None,
     codec: Annotated[str | None, typer.Option(help="Default codec preset or spec.")] = None,
     split: SplitOpt = None,
+    codec_artifact: ArtifactOpt = None,
 ) -> None:
     """Serve the Tx until interrupted."""
     from tx_service.server import start_tx
 
     settings = _settings(
-        TxSettings, rx_address=rx, model=model, host=host, port=port, codec=codec, split_point=split
+        TxSettings,
+        rx_address=rx,
+        model=model,
+        host=host,
+        port=port,
+        codec=codec,
+        split_point=split,
+        codec_artifacts=codec_artifact or None,
     )
     with console.status(f"loading {settings.model} (Tx half)"):
         running = _or_exit(lambda: start_tx(settings))
@@ -166,6 +189,56 @@ def train_reference_cmd(
     console.print(f"saved {out}; held-out accuracy {result.accuracy:.1%}")
     for qtype, acc in result.per_type().items():
         console.print(f"  {qtype:<10} {acc:.1%}")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    codec: Annotated[str, typer.Option(help="Codec spec with calibrated stages, e.g. 'pca:k=16|int8|zstd'.")],
+    out: Annotated[Path, typer.Option(help="Artifact path: writes OUT.safetensors and OUT.json.")],
+    model: Annotated[str, typer.Option(help="Model reference (see rx serve).")] = DEFAULT_MODEL,
+    images: Annotated[
+        Path | None, typer.Option(help="Folder of calibration images.", exists=True, file_okay=False)
+    ] = None,
+    synthetic: Annotated[
+        int | None, typer.Option(min=1, help="Use N synthetic training scenes instead of --images.")
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="First training-scene seed for --synthetic.")] = 0,
+) -> None:
+    """Fit a codec's calibrated stages (pca, kmeans, zstd:dict=1) on model features; save the artifact."""
+    from rich.progress import Progress
+
+    from shared.codecs.calibrate import calibrate, folder_images, synthetic_images
+    from shared.codecs.calibration import CalibrationArtifact
+    from shared.errors import CodecError
+
+    def run() -> None:
+        if (images is None) == (synthetic is None):
+            raise CodecError("give exactly one of --images DIR or --synthetic N")
+        if images is not None:
+            pictures, source = folder_images(images), f"folder {images}"
+        else:
+            assert synthetic is not None
+            pictures, source = (
+                synthetic_images(synthetic, seed),
+                f"synthetic scenes {seed}..{seed + synthetic - 1}",
+            )
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("vision encoder", total=len(pictures))
+            artifact = calibrate(
+                model,
+                codec,
+                out,
+                images=pictures,
+                advance=lambda: progress.advance(task),
+                on_stage=lambda spec: progress.update(task, description=f"fitting {spec}"),
+                source=source,
+            )
+        console.print(f"calibrated {artifact.spec} on {len(pictures)} images ({source})")
+        tensor_path, json_path = CalibrationArtifact.paths(out)
+        console.print(f"wrote {tensor_path} and {json_path}")
+        console.print(f"artifact fingerprint {artifact.fingerprint}")
+
+    _or_exit(run)
 
 
 @app.command("eval")

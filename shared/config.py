@@ -32,6 +32,10 @@ class RxSettings(BaseSettings):
         default_factory=lambda: ["lossless", "fp16", "int8"],
         description="codec presets or specs this Rx accepts",
     )
+    codec_artifacts: list[Path] = Field(
+        default_factory=list,
+        description="calibration artifacts (splitvlm calibrate); each enables its calibrated codec spec",
+    )
     max_packet_bytes: int = Field(64 * 2**20, gt=0)
     max_tokens: int = Field(65_536, gt=0, description="most visual tokens one packet may declare")
     max_decoded_bytes: int = Field(512 * 2**20, gt=0)
@@ -60,10 +64,19 @@ class TxSettings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535)
     rx_address: str = Field("127.0.0.1:50061", description="HOST:PORT of the Rx gRPC server")
     codec: str = Field("int8", description="default codec preset or spec")
+    codec_artifacts: list[Path] = Field(
+        default_factory=list,
+        description="calibration artifacts (splitvlm calibrate), matched to calibrated codec specs",
+    )
     max_image_bytes: int = Field(20 * 2**20, gt=0)
     max_image_pixels: int = Field(50_000_000, gt=0)
     max_prompt_chars: int = Field(8_192, gt=0)
     chunk_bytes: int = Field(256 * 1024, gt=0, description="payload bytes per gRPC message")
     rx_timeout_s: float = Field(300.0, gt=0)
+    cache_bytes: int = Field(
+        64 * 2**20,
+        ge=0,
+        description="bound of the packet cache (image hash + fingerprints -> packet); 0 disables",
+    )
     grpc_workers: int = Field(4, gt=0)
     cache_dir: Path = Field(default_factory=default_cache_dir)

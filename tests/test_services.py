@@ -298,3 +298,13 @@ def test_lossless_split_after_projector_over_grpc_matches_unsplit(
     from shared.models.tiny_llava import TEXT_HIDDEN, TOKENS_PER_IMAGE
 
     assert answer.feature_bytes == TOKENS_PER_IMAGE * TEXT_HIDDEN * 4
+
+
+def test_tx_cache_serves_a_repeated_image_without_re_encoding(tx: Any, images: list) -> None:
+    with TxClient(tx.address) as client:
+        first = client.ask(images[2], PROMPTS[0], codec="fp16", max_new_tokens=4)
+        hits = tx.engine.cache.hits
+        again = client.ask(images[2], PROMPTS[1], codec="fp16", max_new_tokens=4)
+    assert not first.cache_hit and again.cache_hit and tx.engine.cache.hits == hits + 1
+    assert "tx_vision_encoder" not in again.timings_ms  # the encoder did not run
+    assert again.payload_bytes == first.payload_bytes and again.request_id != first.request_id

@@ -18,7 +18,9 @@ from PIL import Image
 
 from rx_service.client import RxClient
 from shared import __version__
-from shared.codecs import Codec, build_codec
+from shared.codecs import Codec
+from shared.codecs.calibrate import build_codec_with, load_artifacts
+from shared.codecs.calibration import CalibrationArtifact
 from shared.config import TxSettings
 from shared.errors import BadRequestError, FingerprintMismatchError
 from shared.images import decode_image
@@ -31,7 +33,8 @@ from shared.protocol.packet import (
     split_point_from_pb,
     split_point_to_pb,
 )
-from shared.split import GenerationOptions, TxHalf, load_tx_half
+from shared.split import GenerationOptions, TxHalf, check_codec_support, features_for_codec, load_tx_half
+from tx_service.cache import PacketCache, cache_key
 
 log = logging.getLogger("splitvlm.tx")
 
@@ -54,6 +57,9 @@ class TxEngine:
     rx: RxClient
     notice: str = ""
     codecs: dict[str, Codec] = field(default_factory=dict)  # by requested name/spec
+    # Calibration artifacts by the canonical codec spec they were fitted for (settings.codec_artifacts).
+    artifacts: dict[str, CalibrationArtifact] = field(default_factory=dict)
+    cache: PacketCache = field(default_factory=lambda: PacketCache(0))
     _paired_with: str = ""
     _encode_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -70,6 +76,8 @@ class TxEngine:
                 settings.rx_address, timeout_s=settings.rx_timeout_s, chunk_bytes=settings.chunk_bytes
             ),
             notice=model_notice(folder),
+            cache=PacketCache(settings.cache_bytes),
+            artifacts=load_artifacts(settings.codec_artifacts, model_fingerprint(folder, settings.cache_dir)),
         )
         engine.codec(settings.codec)  # fail at start-up on a bad default codec
         return engine
@@ -78,7 +86,14 @@ class TxEngine:
         name = name or self.settings.codec
         codec = self.codecs.get(name)
         if codec is None:
-            codec = build_codec(name)
+            codec = build_codec_with(name, self.artifacts)
+            # Refuse what this split cannot take (e.g. token reduction) before any inference.
+            check_codec_support(
+                codec,
+                self.half.codec_support,
+                f"{type(self.half).__name__} ({self.model_id})",
+                token_scores=self.half.token_scores,
+            )
             if len(self.codecs) < _MAX_CODECS:
                 self.codecs[name] = codec
         return codec
@@ -121,9 +136,13 @@ class TxEngine:
             t0 = time.perf_counter()
             inputs = self.half.preprocess([image])
             t1 = time.perf_counter()
-            features = self.half.encode(inputs)
+            if codec.score_kind:  # e.g. prune:score=cls ranks tokens by the tower's CLS attention
+                features = self.half.encode_scored(inputs, codec.score_kind)
+            else:
+                features = self.half.encode(inputs)
             t2 = time.perf_counter()
-            payload = codec.encode(features.features)
+            decoded, features = features_for_codec(codec, features)
+            payload = codec.encode(features.features, scores=features.scores)
             t3 = time.perf_counter()
         header = build_header(
             request_id=request_id or uuid.uuid4().hex,
@@ -133,6 +152,7 @@ class TxEngine:
             codec_fingerprint=codec.fingerprint,
             features=features,
             payload=payload,
+            shape=decoded,
         )
         t4 = time.perf_counter()
         timings.update(
@@ -160,11 +180,20 @@ class TxEngine:
                 f"prompt has {len(prompt)} characters; limit {self.settings.max_prompt_chars}"
             )
         options.validate()
-        self.codec(codec_name)  # a bad codec name fails before any compute
-        image = decode_image(image_bytes, self.settings.max_image_bytes, self.settings.max_image_pixels)
+        codec = self.codec(codec_name)  # a bad codec name fails before any compute
         if self._paired_with != self.fingerprint:
             self.pair()
-        encoded = self.encode(image, codec_name, request_id)
+        key = cache_key(image_bytes, self.fingerprint, codec.fingerprint)
+        cached = self.cache.get(key)
+        if cached is not None:
+            header = pb.FeatureHeader()
+            header.CopyFrom(cached.header)
+            header.request_id = request_id or uuid.uuid4().hex
+            encoded = EncodedImage(header=header, payload=cached.payload, timings_ms={})
+        else:
+            image = decode_image(image_bytes, self.settings.max_image_bytes, self.settings.max_image_pixels)
+            encoded = self.encode(image, codec_name, request_id)
+            self.cache.put(key, encoded.header, encoded.payload)
         requests = self.rx.build_requests(encoded.header, encoded.payload, prompt, options)
         wire_bytes = sum(r.ByteSize() for r in requests)
         for chunk in self.rx.stream_requests(requests):
@@ -172,4 +201,5 @@ class TxEngine:
                 chunk.timings.ms.update(encoded.timings_ms)
                 chunk.timings.ms["tx_total"] = (time.perf_counter() - started) * 1e3
                 chunk.wire_bytes = wire_bytes
+                chunk.cache_hit = cached is not None
             yield chunk

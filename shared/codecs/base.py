@@ -99,6 +99,8 @@ class Param:
     lo: float | None = None
     hi: float | None = None
     choices: tuple[str, ...] = ()
+    # Only as key=value in spec strings (e.g. zstd's dict), so positional specs keep their meaning.
+    keyword_only: bool = False
 
     def describe(self) -> str:
         if self.choices:

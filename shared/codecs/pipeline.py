@@ -19,7 +19,21 @@ from collections.abc import Sequence
 
 import torch
 
-from shared.codecs import cast, linear_quant, raw, zstd  # noqa: F401  (registers the stages)
+# The transform and calibrated stages (registered on import).
+import shared.codecs.ae
+import shared.codecs.kmeans
+import shared.codecs.pca
+import shared.codecs.sparse
+import shared.codecs.svd  # noqa: F401
+from shared.codecs import (  # noqa: F401  (registers the stages)
+    cast,
+    linear_quant,
+    pool,
+    prune,
+    raw,
+    tome,
+    zstd,
+)
 from shared.codecs.base import (
     FLOAT_DTYPES,
     STAGES,
@@ -32,6 +46,8 @@ from shared.codecs.base import (
     TensorStage,
     dtype_name,
 )
+from shared.codecs.calibration import ArtifactLike, attach_artifact
+from shared.codecs.reduce import TokenReducer
 from shared.codecs.serialize import max_packed_size, pack, unpack
 from shared.errors import CodecError, PacketTooLargeError
 
@@ -57,7 +73,7 @@ def parse_stage(text: str) -> Stage:
     if cls is None:
         raise CodecError(f"unknown codec stage {name!r}; {_choices()}")
     values: dict[str, object] = {}
-    names = [p.name for p in cls.params]
+    names = [p.name for p in cls.params if not p.keyword_only]
     if ":" in text and not args.strip():
         raise CodecError(f"stage {name!r}: ':' must be followed by parameters")
     keyword_seen = False
@@ -89,6 +105,7 @@ def _check_order(stages: Sequence[Stage]) -> None:
     after = "the input"
     byte_stage: str | None = None
     quantizer: str | None = None
+    other_tensor_stage: str | None = None  # the first tensor stage that is not a token reducer
     for stage in stages:
         if stage.name in seen:
             raise CodecError(f"stage {stage.name!r} appears twice")
@@ -103,6 +120,19 @@ def _check_order(stages: Sequence[Stage]) -> None:
                 f"tensor stage {stage.name!r} cannot follow byte stage {byte_stage!r}: "
                 "tensor stages come first, then byte stages"
             )
+        if isinstance(stage, TokenReducer) and other_tensor_stage is not None:
+            raise CodecError(
+                f"token reducer {stage.name!r} cannot follow {other_tensor_stage!r}: token reducers "
+                "work on the float features, so they come first, before quantizers, casts and "
+                f"other tensor stages (e.g. '{stage.spec}|int8|zstd')"
+            )
+        if isinstance(stage, TokenReducer) and stage.score_kind and after != "the input":
+            raise CodecError(
+                f"stage {stage.spec!r} ranks tokens by the vision encoder's {stage.score_kind!r} scores, "
+                f"so it must be the first stage (it follows {after})"
+            )
+        if not isinstance(stage, TokenReducer):
+            other_tensor_stage = other_tensor_stage or stage.name
         if stage.quantizer and quantizer is not None:
             raise CodecError(f"two quantizers ({quantizer!r} and {stage.name!r}); a codec holds at most one")
         missing = [f for f in stage.inputs if f not in fields]
@@ -116,8 +146,12 @@ def _check_order(stages: Sequence[Stage]) -> None:
         quantizer = stage.name if stage.quantizer else quantizer
 
 
-def build_codec(spec: str) -> Codec:
-    """A `Codec` from a preset name (``"int8"``) or a spec string (``"int8|zstd:3"``)."""
+def build_codec(spec: str, artifact: ArtifactLike | None = None) -> Codec:
+    """A `Codec` from a preset name (``"int8"``) or a spec string (``"int8|zstd:3"``).
+
+    Calibrated stages (``pca``, ``kmeans``, ``zstd:dict=1``) load their fitted state from
+    `artifact` (a `CalibrationArtifact` or the path of one); without it they raise CodecError.
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise CodecError(
             f"codec spec must be a non-empty string: a preset or stages joined by '|'; {_choices()}"
@@ -128,7 +162,19 @@ def build_codec(spec: str) -> Codec:
     for i, part in enumerate(parts):
         if not part.strip():
             raise CodecError(f"codec spec {expanded!r}: stage {i + 1} is empty")
-    return Codec(name, [parse_stage(part) for part in parts])
+    stages = [parse_stage(part) for part in parts]
+    attach_artifact("|".join(s.spec for s in stages), stages, artifact)
+    return Codec(name, stages)
+
+
+def stage_output_context(stage: Stage, ctx: CodecContext) -> CodecContext:
+    """The context the stages after `stage` see: its ``output_shape(ctx)`` when it changes the shape
+    of ``x`` (``pca``: [T, k]; ``svd``: [T + D, r]), else `ctx` unchanged."""
+    output_shape = getattr(stage, "output_shape", None)
+    if output_shape is None:
+        return ctx
+    tokens, dim = output_shape(ctx)
+    return CodecContext(tokens, dim, ctx.dtype)
 
 
 class Codec:
@@ -140,6 +186,8 @@ class Codec:
         self.stages = tuple(stages)
         self.tensor_stages = tuple(s for s in stages if isinstance(s, TensorStage))
         self.byte_stages = tuple(s for s in stages if isinstance(s, ByteStage))
+        # Stages that send fewer tokens than they get: the decoded shape is `decoded_shape(...)`.
+        self.token_reducers = tuple(s for s in stages if isinstance(s, TokenReducer))
         self.spec = "|".join(s.spec for s in stages)
         if self.spec in PRESETS:
             # build_codec() would read this spec as the preset; the Rx rebuilds codecs from specs.
@@ -154,20 +202,54 @@ class Codec:
     def __repr__(self) -> str:
         return f"Codec(name={self.name!r}, spec={self.spec!r})"
 
+    def decoded_shape(self, tokens: int, dim: int) -> tuple[int, int]:
+        """The shape `decode` returns for features of shape ``(tokens, dim)`` (without running).
+
+        Differs from the input only when the codec holds token reducers; the packet
+        header declares this shape.
+        """
+        ctx = _check_declared((tokens, dim), torch.float32)
+        tokens = ctx.tokens
+        for stage in self.token_reducers:
+            tokens = stage.output_tokens(tokens)
+        return (tokens, ctx.dim)
+
     def layout(self, ctx: CodecContext) -> Layout:
-        """The fields the serializer writes for features of this shape and dtype."""
+        """The fields the serializer writes for features that decode to this shape and dtype."""
         layout: Layout = {"x": FieldSpec(ctx.shape, (ctx.dtype,))}
-        for stage in self.tensor_stages:
-            produced = stage.layout({k: layout[k] for k in stage.inputs}, ctx)
+        for stage, stage_ctx in zip(self.tensor_stages, self.stage_contexts(ctx), strict=True):
+            produced = stage.layout({k: layout[k] for k in stage.inputs}, stage_ctx)
             layout = {k: v for k, v in layout.items() if k not in stage.inputs} | produced
         return layout
 
-    def encode(self, features: torch.Tensor) -> bytes:
+    def stage_contexts(self, ctx: CodecContext) -> list[CodecContext]:
+        """The context each tensor stage's `layout`/`decode` sees, for features decoding to `ctx`."""
+        contexts = []
+        for stage in self.tensor_stages:
+            contexts.append(ctx)
+            ctx = stage_output_context(stage, ctx)
+        return contexts
+
+    @property
+    def score_kind(self) -> str:
+        """The per-token scores `encode` needs from the Tx half (``"cls"``), or ``""``."""
+        first = self.tensor_stages[0] if self.tensor_stages else None
+        return first.score_kind if isinstance(first, TokenReducer) else ""
+
+    def encode(self, features: torch.Tensor, *, scores: torch.Tensor | None = None) -> bytes:
+        """Payload for `features`; `scores` (``[tokens]``) are needed when `score_kind` is set."""
         ctx = _check_features(features)
         fields: Fields = {"x": features.detach().to("cpu")}
+        stage_ctx = ctx
         for stage in self.tensor_stages:
-            produced = stage.encode({k: fields[k] for k in stage.inputs}, ctx)
+            inputs = {k: fields[k] for k in stage.inputs}
+            if isinstance(stage, TokenReducer) and stage.score_kind and scores is not None:
+                inputs["scores"] = scores.detach().to("cpu").float()
+            produced = stage.encode(inputs, stage_ctx)
             fields = {k: v for k, v in fields.items() if k not in stage.inputs} | produced
+            if isinstance(stage, TokenReducer):  # later stages see the reduced features
+                ctx = CodecContext(stage.output_tokens(ctx.tokens), ctx.dim, ctx.dtype)
+            stage_ctx = ctx if isinstance(stage, TokenReducer) else stage_output_context(stage, stage_ctx)
         data = pack(fields, self.layout(ctx))
         for byte_stage in self.byte_stages:
             data = byte_stage.encode(data, ctx)
@@ -212,8 +294,10 @@ class Codec:
         for byte_stage, max_size in zip(reversed(self.byte_stages), reversed(sizes[:-1]), strict=True):
             data = byte_stage.decode(data, ctx, max_size)
         fields = unpack(data, layout)
-        for stage in reversed(self.tensor_stages):
-            restored = stage.decode({k: fields[k] for k in stage.outputs}, ctx)
+        for stage, stage_ctx in zip(
+            reversed(self.tensor_stages), reversed(self.stage_contexts(ctx)), strict=True
+        ):
+            restored = stage.decode({k: fields[k] for k in stage.outputs}, stage_ctx)
             fields = {k: v for k, v in fields.items() if k not in stage.outputs} | restored
 
         x = fields["x"]

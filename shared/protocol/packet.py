@@ -83,8 +83,13 @@ def build_header(
     codec_fingerprint: str,
     features: VisionFeatures,
     payload: bytes,
+    shape: tuple[int, int] | None = None,
 ) -> pb.FeatureHeader:
-    """The header for `payload`, which encodes `features` (decoded shape/dtype recorded)."""
+    """The header for `payload`, which encodes `features` (decoded shape/dtype recorded).
+
+    `shape` is the decoded shape when the codec changes the token count
+    (`Codec.decoded_shape`); `features.meta` must then describe that count.
+    """
     header = pb.FeatureHeader(
         format_version=FORMAT_VERSION,
         request_id=request_id,
@@ -92,7 +97,7 @@ def build_header(
         split_point=split_point_to_pb(split_point),
         codec_spec=codec_spec,
         codec_fingerprint=codec_fingerprint,
-        shape=list(features.features.shape),
+        shape=list(shape if shape is not None else features.features.shape),
         dtype=_DTYPE_CODES[features.features.dtype],
         payload_size=len(payload),
         payload_crc32=crc32(payload),

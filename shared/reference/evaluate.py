@@ -24,7 +24,15 @@ from rich.progress import Progress
 
 from shared.codecs import build_codec
 from shared.reference.scenes import QA, QTYPES, Scene, heldout_set
-from shared.split import GenerationOptions, SplitPoint, VisionFeatures, load_rx_half, load_tx_half
+from shared.split import (
+    GenerationOptions,
+    SplitPoint,
+    VisionFeatures,
+    check_codec_support,
+    features_for_codec,
+    load_rx_half,
+    load_tx_half,
+)
 from shared.split.llava import generation_kwargs, stop_token_ids, truncate_at_stop
 from shared.split.reference import load_unsplit, unsplit_inputs
 
@@ -129,6 +137,7 @@ def evaluate_split(
 ) -> EvalResult:
     codec = build_codec(codec_spec)
     tx, rx = load_tx_half(folder, split_point), load_rx_half(folder, split_point)
+    check_codec_support(codec, rx.codec_support, type(rx).__name__, token_scores=tx.token_scores)
     answers = [""] * len(items)
     payloads: list[int] = []
     feature_bytes = 0
@@ -136,14 +145,14 @@ def evaluate_split(
     started = time.perf_counter()
     for image, group in _by_image(items):
         with torch.inference_mode():
-            features = tx.encode(tx.preprocess([image]))
+            inputs = tx.preprocess([image])
+            features = tx.encode_scored(inputs, codec.score_kind) if codec.score_kind else tx.encode(inputs)
         feats = features.features
         feature_bytes = feats.numel() * feats.element_size()
-        payload = codec.encode(feats)
+        shape, features = features_for_codec(codec, features)  # token reducers send fewer tokens
+        payload = codec.encode(feats, scores=features.scores)
         payloads.append(len(payload))
-        decoded = VisionFeatures(
-            codec.decode(payload, shape=tuple(feats.shape), dtype=feats.dtype), dict(features.meta)
-        )
+        decoded = VisionFeatures(codec.decode(payload, shape=shape, dtype=feats.dtype), dict(features.meta))
         for i, qa in group:
             ids = rx.generate(qa.question, decoded, ANSWER_OPTIONS)
             answers[i] = normalize(rx.decode_tokens(ids))

@@ -24,6 +24,8 @@ from shared.split.base import (
     TokenCallback,
     TxHalf,
     VisionFeatures,
+    check_codec_support,
+    features_for_codec,
 )
 
 __all__ = [
@@ -37,6 +39,8 @@ __all__ = [
     "TxHalf",
     "VisionFeatures",
     "adapter_for",
+    "check_codec_support",
+    "features_for_codec",
     "load_rx_half",
     "load_tx_half",
     "read_model_config",

@@ -15,10 +15,13 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from shared.codecs import Codec
 
 
 class SplitPoint(str, enum.Enum):
@@ -35,10 +38,13 @@ class VisionFeatures:
     features: ``[tokens, dim]``, images concatenated in prompt order.
     meta: integer lists the Rx needs to rebuild the prompt (``tokens_per_image``
     always; family-specific keys such as ``image_grid_thw`` as needed).
+    scores: optional per-token importance ``[tokens]`` that the Tx half computes for a
+    codec that asks (`TxHalf.encode_scored`, e.g. CLS attention); never sent.
     """
 
     features: torch.Tensor
     meta: dict[str, list[int]] = field(default_factory=dict)
+    scores: torch.Tensor | None = None
 
     @property
     def tokens_per_image(self) -> list[int]:
@@ -86,6 +92,55 @@ class CodecSupport:
     reason: str = ""
 
 
+def check_codec_support(
+    codec: Codec, support: CodecSupport, family: str, token_scores: tuple[str, ...] | None = None
+) -> None:
+    """Refuse (CodecError) a codec that needs something the split `family` does not support.
+
+    Called at configuration time on the Tx (building a codec; with the Tx half's
+    `token_scores`) and when a packet arrives on the Rx, so an unsupported codec
+    fails before any inference.
+    """
+    from shared.errors import CodecError
+
+    if codec.token_reducers and not support.token_reduction:
+        stage = codec.token_reducers[0]
+        raise CodecError(
+            f"codec {codec.spec!r} is refused for {family}: its stage {stage.name!r} sends fewer visual "
+            "tokens than the vision encoder makes, and this split does not support token reduction "
+            f"({support.reason or 'no reason given'})"
+        )
+    if token_scores is not None and codec.score_kind and codec.score_kind not in token_scores:
+        available = ", ".join(token_scores) or "none"
+        raise CodecError(
+            f"codec {codec.spec!r} is refused for {family}: its first stage ranks tokens by "
+            f"{codec.score_kind!r} scores, which this Tx half cannot compute (available: {available})"
+        )
+
+
+def features_for_codec(codec: Codec, features: VisionFeatures) -> tuple[tuple[int, int], VisionFeatures]:
+    """The shape `codec` decodes `features` to, and `features` with meta for that token count.
+
+    The packet header declares both, so the Rx builds its prompt for the tokens that
+    arrive. A token-reducing codec works on the concatenated features as a whole, so
+    it is refused (CodecError) for more than one image: it would mix their tokens.
+    """
+    from shared.errors import CodecError
+
+    tokens, dim = (int(n) for n in features.features.shape)
+    decoded = codec.decoded_shape(tokens, dim)
+    if decoded[0] == tokens:
+        return decoded, features
+    per_image = features.tokens_per_image
+    if len(per_image) != 1:
+        raise CodecError(
+            f"codec {codec.spec!r} reduces the token count, which needs a single image per request; "
+            f"got {len(per_image)} images ({per_image} tokens)"
+        )
+    meta = dict(features.meta) | {"tokens_per_image": [decoded[0]]}
+    return decoded, VisionFeatures(features=features.features, meta=meta, scores=features.scores)
+
+
 # Called with each newly generated token id; lets servers stream text as it is produced.
 TokenCallback = Callable[[int], None]
 
@@ -94,6 +149,10 @@ class TxHalf(ABC):
     """Image processor + vision encoder (+ projector when split after it)."""
 
     split_point: SplitPoint
+    # What the split accepts (the same as the Rx half's): checked when the Tx builds a codec.
+    codec_support: CodecSupport = CodecSupport(reason="not declared by this adapter")
+    # Per-token score kinds `encode_scored` can attach (e.g. "cls" for prune:score=cls).
+    token_scores: tuple[str, ...] = ()
 
     @abstractmethod
     def preprocess(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
@@ -102,6 +161,12 @@ class TxHalf(ABC):
     @abstractmethod
     def encode(self, pixel_inputs: dict[str, torch.Tensor]) -> VisionFeatures:
         """Run the vision side up to the split point."""
+
+    def encode_scored(self, pixel_inputs: dict[str, torch.Tensor], kind: str) -> VisionFeatures:
+        """`encode`, with `VisionFeatures.scores` set to per-token `kind` scores (see `token_scores`)."""
+        from shared.errors import CodecError
+
+        raise CodecError(f"{type(self).__name__} cannot compute {kind!r} token scores")
 
 
 class RxHalf(ABC):

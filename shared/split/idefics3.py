@@ -243,9 +243,14 @@ class Idefics3TxHalf(TxHalf):
             )
             self.feature_dim = self.geometry.text_dim
             self.tokens_per_tile = self.geometry.image_seq_len
+            self.codec_support = CodecSupport(reason=_WHY_AP.format(seq=self.geometry.image_seq_len))
         else:
             self.feature_dim = self.geometry.vision_dim
             self.tokens_per_tile = self.geometry.patches_per_tile
+            self.codec_support = CodecSupport(
+                reason=_WHY_NO_TOKEN_REDUCTION_VT.format(side=self.geometry.side, scale=self.geometry.scale)
+                + _WHY_NO_FOLD_VT.format(scale=self.geometry.scale)
+            )
 
         try:  # the image processor alone: the Tx needs no tokenizer
             self.image_processor: Any = AutoImageProcessor.from_pretrained(self.folder)

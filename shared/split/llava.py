@@ -43,7 +43,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.utils import logging as hf_logging
 
-from shared.errors import BadRequestError, ModelError
+from shared.errors import BadRequestError, CodecError, ModelError
 from shared.split import read_model_config
 from shared.split.base import (
     CodecSupport,
@@ -320,6 +320,42 @@ def _check_strategy(config: Any) -> str:
 # The halves
 
 
+def cls_attention(
+    vision_tower: nn.Module,
+    hidden_states: Sequence[torch.Tensor],
+    vision_feature_layer: int | Sequence[int],
+    strategy: str,
+) -> torch.Tensor | None:
+    """CLS-token attention (head-averaged) to each selected token: ``[images, tokens]``.
+
+    Taken in the encoder layer that produced the selected features (the last one
+    when several are concatenated), recomputed from that layer's input so the
+    tower can keep its fast attention kernel. Aligned with `select_image_features`.
+    None when the tower has no CLS token or no CLIP-style layers (e.g. SigLIP).
+    """
+    inner = getattr(vision_tower, "vision_model", vision_tower)
+    embeddings = getattr(inner, "embeddings", None)
+    layers = getattr(getattr(inner, "encoder", None), "layers", None)
+    if getattr(embeddings, "class_embedding", None) is None or layers is None:
+        return None
+    layer = vision_feature_layer if isinstance(vision_feature_layer, int) else vision_feature_layer[-1]
+    index = layer % len(hidden_states)  # hidden_states[index] is the output of layers[index - 1]
+    if index == 0 or index > len(layers):
+        return None
+    block = layers[index - 1]
+    attn = getattr(block, "self_attn", None)
+    if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "num_heads", "head_dim", "scale")):
+        return None
+    assert attn is not None
+    h = block.layer_norm1(hidden_states[index - 1])
+    images, tokens, _ = h.shape
+    q = attn.q_proj(h[:, :1]).view(images, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(images, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
+    weights = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * attn.scale, dim=-1)
+    scores = weights.mean(dim=1)[:, 0]  # [images, tokens], CLS first
+    return scores[:, 1:] if strategy == "default" else scores
+
+
 class LlavaTxHalf(TxHalf):
     """Image processor + vision tower (+ projector for ``after_projector``); no language model."""
 
@@ -359,6 +395,19 @@ class LlavaTxHalf(TxHalf):
             self.feature_dim = int(self.config.text_config.hidden_size)
         else:
             self.feature_dim = int(self.config.vision_config.hidden_size) * _num_feature_layers(self.config)
+        # CLS-attention scores for prune:score=cls, where the tower has a CLS token (CLIP).
+        embeddings = getattr(
+            getattr(self.vision_tower, "vision_model", self.vision_tower), "embeddings", None
+        )
+        self.token_scores = ("cls",) if getattr(embeddings, "class_embedding", None) is not None else ()
+        # Same as LlavaRxHalf: the Rx expands <image> to however many tokens arrive.
+        self.codec_support = CodecSupport(
+            token_reduction=True,
+            fold_linear=self.split_point is SplitPoint.AFTER_VISION_TOWER,
+            reason=""
+            if self.split_point is SplitPoint.AFTER_VISION_TOWER
+            else "split after the projector: the language model's first op is a norm, not a Linear",
+        )
 
         try:  # the image processor alone: the Tx needs no tokenizer
             self.image_processor: Any = AutoImageProcessor.from_pretrained(self.folder)
@@ -383,6 +432,17 @@ class LlavaTxHalf(TxHalf):
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def encode(self, pixel_inputs: dict[str, torch.Tensor]) -> VisionFeatures:
+        return self._encode(pixel_inputs, "")
+
+    def encode_scored(self, pixel_inputs: dict[str, torch.Tensor], kind: str) -> VisionFeatures:
+        if kind not in self.token_scores:
+            raise CodecError(
+                f"{type(self).__name__} cannot compute {kind!r} token scores "
+                f"(available: {', '.join(self.token_scores) or 'none'})"
+            )
+        return self._encode(pixel_inputs, kind)
+
+    def _encode(self, pixel_inputs: dict[str, torch.Tensor], score_kind: str) -> VisionFeatures:
         pixel_values = pixel_inputs.get("pixel_values")
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             raise BadRequestError("pixel_values must be a [images, channels, height, width] tensor")
@@ -390,12 +450,22 @@ class LlavaTxHalf(TxHalf):
             pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
             outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
             selected = select_image_features(outputs.hidden_states, self.vision_feature_layer, self.strategy)
+            scores = None
+            if score_kind == "cls":
+                scores = cls_attention(
+                    self.vision_tower, outputs.hidden_states, self.vision_feature_layer, self.strategy
+                )
+                if scores is None:
+                    raise CodecError(
+                        f"the vision tower of {self.folder} has no CLS attention to score tokens"
+                    )
             if self.projector is not None:
                 selected = self.projector(selected)
         num_images, tokens, dim = selected.shape
         return VisionFeatures(
             features=selected.reshape(num_images * tokens, dim).contiguous(),
             meta={"tokens_per_image": [int(tokens)] * int(num_images)},
+            scores=None if scores is None else scores.reshape(-1).float(),
         )
 
 

@@ -267,9 +267,11 @@ class QwenVLTxHalf(TxHalf):
         if self.split_point is SplitPoint.AFTER_PROJECTOR:
             parts.append("merger")
             self.feature_dim = merged_width(self.config)
+            self.codec_support = CodecSupport(reason=CODEC_REASON_AFTER_PROJECTOR)
         else:
             visual.merger = _GroupPatches(self.merge_size**2)
             self.feature_dim = vision_width(self.config)
+            self.codec_support = CodecSupport(reason=CODEC_REASON_AFTER_VISION_TOWER)
         for part in parts:  # only these tensors are read (no merger before it, no language model)
             prefixes = [p + part + "." for p in VISUAL_PREFIXES]
             load_part(getattr(visual, part), key_files, prefixes, f"vision {part}", self.folder)

@@ -199,6 +199,7 @@ class Qwen3VLTxHalf(TxHalf):
             self.feature_dim = (1 + levels) * int(vision_config.hidden_size)
         else:
             self.feature_dim = (1 + levels) * int(vision_config.out_hidden_size)
+        self.codec_support = CodecSupport(reason=_NO_TOKEN_REDUCTION)  # as the Rx half (no token reduction)
         load_part(visual, key_files, VISION_PREFIXES, "vision encoder", self.folder)
         self.visual = visual.to(device=self.device, dtype=self.dtype).eval()
         self.patch_dim = (

@@ -1,0 +1,35 @@
+"""Pack unsigned codes of `bits` bits each (1..8) into bytes, LSB first, and back.
+
+    codes uint8 [n] (each < 2^bits) ──► bit planes ──► uint8 [ceil(n * bits / 8)]
+
+The same little-endian bit order as `linear_quant`'s sub-8-bit packing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def packed_len(n: int, bits: int) -> int:
+    return -(-n * bits // 8)
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes (any shape, each < 2^bits) -> uint8 [packed_len(codes.size, bits)]."""
+    flat = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1, 1)
+    if bits == 8:
+        return flat.reshape(-1).copy()
+    planes = np.unpackbits(flat, axis=1, bitorder="little")[:, :bits]
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, n: int, bits: int) -> np.ndarray:
+    """Inverse of `pack_bits`: uint8 [n] codes. `packed` must hold packed_len(n, bits) bytes."""
+    if packed.size != packed_len(n, bits):
+        raise ValueError(
+            f"expected {packed_len(n, bits)} packed bytes for {n} {bits}-bit codes, got {packed.size}"
+        )
+    if bits == 8:
+        return np.asarray(packed, dtype=np.uint8).reshape(-1).copy()
+    planes = np.unpackbits(np.asarray(packed, dtype=np.uint8), count=n * bits, bitorder="little")
+    return np.packbits(planes.reshape(n, bits), axis=1, bitorder="little").reshape(n)
