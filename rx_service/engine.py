@@ -13,10 +13,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from shared import __version__
 from shared.codecs import Codec, build_codec
 from shared.codecs.calibrate import build_codec_with, load_artifacts
 from shared.codecs.calibration import CalibrationArtifact
+from shared.codecs.fold import FoldCache
 from shared.config import RxSettings
 from shared.errors import BadRequestError, CodecError, FingerprintMismatchError
 from shared.models.card import model_notice
@@ -25,6 +28,8 @@ from shared.protocol import pb
 from shared.protocol.packet import (
     SUPPORTED_FORMAT_VERSIONS,
     features_from_payload,
+    header_dtype,
+    header_meta,
     raw_feature_bytes,
     split_point_from_pb,
     split_point_to_pb,
@@ -51,6 +56,8 @@ class RxEngine:
     # Calibration artifacts by the canonical codec spec they were fitted for (settings.codec_artifacts).
     artifacts: dict[str, CalibrationArtifact] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Folded first-layer Linears by codec fingerprint (settings.fold_decoder).
+    _fold_cache: FoldCache | None = None
 
     @classmethod
     def load(cls, settings: RxSettings) -> RxEngine:
@@ -167,9 +174,34 @@ class RxEngine:
         self.check_request(prompt, options)
         verify_payload(header, payload)
         t0 = time.perf_counter()
-        features = features_from_payload(header, payload, codec)
-        timings = {"rx_codec_decode": (time.perf_counter() - t0) * 1e3}
+        features = self._folded_features(header, payload, codec)
+        if features is not None:
+            timings = {"rx_folded_decode": (time.perf_counter() - t0) * 1e3}
+        else:
+            features = features_from_payload(header, payload, codec)
+            timings = {"rx_codec_decode": (time.perf_counter() - t0) * 1e3}
         yield from self._stream(prompt, features, options, header, timings)
+
+    def _folded_features(
+        self, header: pb.FeatureHeader, payload: bytes, codec: Codec
+    ) -> VisionFeatures | None:
+        """Compressed-domain decoding (`shared.codecs.fold`): the projector's first Linear applied to
+        the codec's compact coefficients, never materialising the features; None when not possible."""
+        if not self.settings.fold_decoder or not self.half.codec_support.fold_linear:
+            return None
+        if self._fold_cache is None:
+            leading = self.half.leading_linear()
+            if leading is None:
+                return None
+            self._fold_cache = FoldCache(leading)
+        folded = self._fold_cache.get(codec)
+        if folded is None:
+            return None
+        shape = (int(header.shape[0]), int(header.shape[1]))
+        z, _ = codec.decode_compact(payload, shape, header_dtype(header))
+        with torch.inference_mode():
+            h = folded(z.to(device=folded.weight.device, dtype=folded.weight.dtype))
+        return VisionFeatures(features=h, meta=header_meta(header), pre_projected=True)
 
     def _stream(
         self,

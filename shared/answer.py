@@ -19,6 +19,7 @@ class Answer:
     codec_spec: str = ""
     cache_hit: bool = False
     feature_bytes: int = 0
+    rate_control: str = ""  # the Tx's rate-control note, when it chose the codec
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[pb.TextChunk]) -> Answer:
@@ -41,4 +42,5 @@ class Answer:
             codec_spec=last.codec_spec,
             cache_hit=last.cache_hit,
             feature_bytes=last.feature_bytes,
+            rate_control=last.rate_control,
         )

@@ -134,17 +134,36 @@ def ask(
     tx: Annotated[str, typer.Option(help="HOST:PORT of the Tx.")] = "127.0.0.1:50051",
     codec: Annotated[str, typer.Option(help="Codec preset or spec (default: the Tx's).")] = "",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    target_bytes: Annotated[
+        int, typer.Option(min=0, help="Rate control: the Tx picks a codec whose payload is <= N bytes.")
+    ] = 0,
+    target_fidelity: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Rate control: the smallest payload keeping mean per-token cosine >= C."
+        ),
+    ] = 0.0,
 ) -> None:
     """Ask a running Tx a question about an image; streams the answer."""
     from tx_service.client import TxClient
 
     def run() -> None:
         with TxClient(tx) as client:
-            for chunk in client.ask_stream(image, question, codec=codec, max_new_tokens=max_new_tokens):
+            chunks = client.ask_stream(
+                image,
+                question,
+                codec=codec,
+                max_new_tokens=max_new_tokens,
+                target_bytes=target_bytes,
+                target_fidelity=target_fidelity,
+            )
+            for chunk in chunks:
                 console.print(chunk.text, end="", markup=False, highlight=False)
                 if chunk.done:
                     console.print()
                     console.print(_bytes_line(chunk.payload_bytes, chunk.wire_bytes, chunk.codec_spec))
+                    if chunk.rate_control:
+                        console.print(f"rate control: {chunk.rate_control}", markup=False, highlight=False)
 
     _or_exit(run)
 
@@ -253,14 +272,26 @@ def eval_cmd(
     images: Annotated[int, typer.Option(min=1, help="Held-out scenes (2 questions each).")] = 300,
     unsplit: Annotated[bool, typer.Option(help="Also score the unsplit model.")] = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    target_bytes: Annotated[
+        list[int] | None,
+        typer.Option(
+            min=1, help="Also split with rate control (a codec per image, payload <= N B); repeatable."
+        ),
+    ] = None,
 ) -> None:
     """Exact-match accuracy on the held-out VQA set, unsplit and split through each codec."""
     import json
 
     from rich.progress import Progress
 
+    from shared.codecs.rate import RateTarget
     from shared.models.registry import resolve_model
-    from shared.reference.evaluate import evaluate_split, evaluate_unsplit, heldout_items
+    from shared.reference.evaluate import (
+        evaluate_rate_controlled,
+        evaluate_split,
+        evaluate_unsplit,
+        heldout_items,
+    )
 
     def run() -> None:
         folder = resolve_model(model)
@@ -271,7 +302,18 @@ def eval_cmd(
                 results.append(evaluate_unsplit(folder, items, progress))
             for spec in codec or []:
                 results.append(evaluate_split(folder, items, spec, split, progress))
+            for budget in target_bytes or []:
+                results.append(evaluate_rate_controlled(folder, items, RateTarget(budget), split, progress))
         console.print(eval_table(results))
+        for r in results:
+            if r.budget_bytes:
+                chosen = ", ".join(f"{spec} x{n}" for spec, n in r.spec_counts().items())
+                console.print(
+                    f"{r.name}: {r.within_budget:.1%} of {len(r.payload_bytes)} packets <= "
+                    f"{r.budget_bytes:,} B (max {max(r.payload_bytes):,} B); chosen: {chosen}",
+                    markup=False,
+                    highlight=False,
+                )
         if json_out:
             json_out.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
 

@@ -36,6 +36,11 @@ class RxSettings(BaseSettings):
         default_factory=list,
         description="calibration artifacts (splitvlm calibrate); each enables its calibrated codec spec",
     )
+    fold_decoder: bool = Field(
+        True,
+        description="fold a linear codec decoder (pca) into the projector's first Linear "
+        "(compressed-domain decoding); codecs that cannot be folded decode normally",
+    )
     max_packet_bytes: int = Field(64 * 2**20, gt=0)
     max_tokens: int = Field(65_536, gt=0, description="most visual tokens one packet may declare")
     max_decoded_bytes: int = Field(512 * 2**20, gt=0)

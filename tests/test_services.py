@@ -39,7 +39,9 @@ def test_lossless_split_over_grpc_matches_unsplit_generate(
     assert len(expected) > 0
     assert answer.token_ids == expected
     assert answer.payload_bytes > 0 and answer.wire_bytes > answer.payload_bytes
-    assert {"tx_vision_encoder", "tx_codec_encode", "rx_codec_decode", "rx_prefill"} <= set(answer.timings_ms)
+    # The session's Tx may serve this image from its packet cache (another test asked first).
+    tx_stages = set() if answer.cache_hit else {"tx_vision_encoder", "tx_codec_encode"}
+    assert tx_stages | {"rx_codec_decode", "rx_prefill"} <= set(answer.timings_ms)
 
 
 def test_streamed_text_equals_final_text(tx: Any, images: list) -> None:

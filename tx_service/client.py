@@ -40,13 +40,22 @@ class TxClient:
         top_k: int = 0,
         seed: int = 0,
         request_id: str = "",
+        target_bytes: int = 0,
+        target_fidelity: float = 0.0,
     ) -> Iterator[pb.TextChunk]:
-        """Stream the answer; the last chunk has `done` set and carries bytes and timings."""
+        """Stream the answer; the last chunk has `done` set and carries bytes and timings.
+
+        `target_bytes` / `target_fidelity` (instead of `codec`) ask the Tx to pick the codec by
+        rate control: a payload of at most that many bytes, or the smallest payload keeping that
+        mean per-token cosine; the last chunk's `codec_spec` and `rate_control` report the choice.
+        """
         request = pb.AskRequest(
             image=image_to_bytes(image),
             prompt=prompt,
             codec=codec,
             request_id=request_id,
+            target_bytes=target_bytes,
+            target_fidelity=target_fidelity,
             options=options_to_pb(GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed)),
         )
         return relay_errors(self._stub.Ask(request, timeout=self.timeout_s), f"tx {self.address}")

@@ -21,6 +21,7 @@ from shared import __version__
 from shared.codecs import Codec
 from shared.codecs.calibrate import build_codec_with, load_artifacts
 from shared.codecs.calibration import CalibrationArtifact
+from shared.codecs.rate import RateController, RateTarget, usable_ladder
 from shared.config import TxSettings
 from shared.errors import BadRequestError, FingerprintMismatchError
 from shared.images import decode_image
@@ -46,6 +47,7 @@ class EncodedImage:
     header: pb.FeatureHeader
     payload: bytes
     timings_ms: dict[str, float]
+    rate_control: str = ""  # rate control's note when it chose the codec
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TxEngine:
     # Calibration artifacts by the canonical codec spec they were fitted for (settings.codec_artifacts).
     artifacts: dict[str, CalibrationArtifact] = field(default_factory=dict)
     cache: PacketCache = field(default_factory=lambda: PacketCache(0))
+    rate: RateController | None = None  # built on the first rate-controlled request
     _paired_with: str = ""
     _encode_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -98,6 +101,19 @@ class TxEngine:
                 self.codecs[name] = codec
         return codec
 
+    def rate_controller(self) -> RateController:
+        """The default ladder, less the codecs this split refuses (e.g. token reducers)."""
+        if self.rate is None:
+            family = f"{type(self.half).__name__} ({self.model_id})"
+            self.rate = RateController(
+                usable_ladder(
+                    accept=lambda codec: check_codec_support(
+                        codec, self.half.codec_support, family, token_scores=self.half.token_scores
+                    )
+                )
+            )
+        return self.rate
+
     def info(self) -> pb.InfoResponse:
         return pb.InfoResponse(
             service="tx",
@@ -129,7 +145,16 @@ class TxEngine:
         self._paired_with = info.model_fingerprint
         return info
 
-    def encode(self, image: Image.Image, codec_name: str = "", request_id: str = "") -> EncodedImage:
+    def encode(
+        self,
+        image: Image.Image,
+        codec_name: str = "",
+        request_id: str = "",
+        target: RateTarget | None = None,
+    ) -> EncodedImage:
+        """One image to a packet; with an active `target`, rate control picks the codec."""
+        if target is not None and target.active:
+            return self._encode_rate_controlled(image, target, request_id)
         codec = self.codec(codec_name)
         timings: dict[str, float] = {}
         with self._encode_lock, torch.inference_mode():
@@ -163,6 +188,41 @@ class TxEngine:
         )
         return EncodedImage(header=header, payload=payload, timings_ms=timings)
 
+    def _encode_rate_controlled(
+        self, image: Image.Image, target: RateTarget, request_id: str
+    ) -> EncodedImage:
+        rate = self.rate_controller()
+        with self._encode_lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            inputs = self.half.preprocess([image])
+            t1 = time.perf_counter()
+            features = self.half.encode(inputs)
+            t2 = time.perf_counter()
+            choice = rate.choose(features.features, target)
+            decoded, features = features_for_codec(choice.codec, features)
+            t3 = time.perf_counter()
+        header = build_header(
+            request_id=request_id or uuid.uuid4().hex,
+            model_fingerprint=self.fingerprint,
+            split_point=self.settings.split_point,
+            codec_spec=choice.codec.spec,
+            codec_fingerprint=choice.codec.fingerprint,
+            features=features,
+            payload=choice.payload,
+            shape=decoded,
+        )
+        t4 = time.perf_counter()
+        log.debug("rate control %s", choice.note())
+        timings = {
+            "tx_preprocess": (t1 - t0) * 1e3,
+            "tx_vision_encoder": (t2 - t1) * 1e3,
+            "tx_rate_control": (t3 - t2) * 1e3,  # every candidate encoded (and decoded) on the way
+            "tx_serialize": (t4 - t3) * 1e3,
+        }
+        return EncodedImage(
+            header=header, payload=choice.payload, timings_ms=timings, rate_control=choice.note()
+        )
+
     def ask(
         self,
         image_bytes: bytes,
@@ -170,8 +230,12 @@ class TxEngine:
         options: GenerationOptions,
         codec_name: str = "",
         request_id: str = "",
+        target: RateTarget | None = None,
     ) -> Iterator[pb.TextChunk]:
-        """Encode one image and stream the Rx's answer back, with Tx timings added at the end."""
+        """Encode one image and stream the Rx's answer back, with Tx timings added at the end.
+
+        With an active `target` (not together with `codec_name`), rate control picks the codec.
+        """
         started = time.perf_counter()
         if not prompt.strip():
             raise BadRequestError("prompt is empty")
@@ -180,19 +244,34 @@ class TxEngine:
                 f"prompt has {len(prompt)} characters; limit {self.settings.max_prompt_chars}"
             )
         options.validate()
-        codec = self.codec(codec_name)  # a bad codec name fails before any compute
+        rate_controlled = target is not None and target.active
+        if rate_controlled and codec_name:
+            raise BadRequestError(
+                f"give either a codec ({codec_name!r}) or a rate-control target "
+                f"({target.describe() if target else ''}), not both"
+            )
+        if rate_controlled:
+            # The choice depends on the target and the ladder, so both are part of the key.
+            rate = self.rate_controller()
+            assert target is not None
+            codec_key = "rate:" + target.describe() + "|" + ";".join(rate.specs)
+        else:
+            codec_key = self.codec(codec_name).fingerprint  # a bad codec name fails before any compute
         if self._paired_with != self.fingerprint:
             self.pair()
-        key = cache_key(image_bytes, self.fingerprint, codec.fingerprint)
+        key = cache_key(image_bytes, self.fingerprint, codec_key)
         cached = self.cache.get(key)
         if cached is not None:
             header = pb.FeatureHeader()
             header.CopyFrom(cached.header)
             header.request_id = request_id or uuid.uuid4().hex
-            encoded = EncodedImage(header=header, payload=cached.payload, timings_ms={})
+            note = ""
+            if rate_controlled and target is not None:
+                note = f"{target.describe()}: chose {header.codec_spec!r} ({len(cached.payload)} B; cached)"
+            encoded = EncodedImage(header=header, payload=cached.payload, timings_ms={}, rate_control=note)
         else:
             image = decode_image(image_bytes, self.settings.max_image_bytes, self.settings.max_image_pixels)
-            encoded = self.encode(image, codec_name, request_id)
+            encoded = self.encode(image, codec_name, request_id, target)
             self.cache.put(key, encoded.header, encoded.payload)
         requests = self.rx.build_requests(encoded.header, encoded.payload, prompt, options)
         wire_bytes = sum(r.ByteSize() for r in requests)
@@ -202,4 +281,5 @@ class TxEngine:
                 chunk.timings.ms["tx_total"] = (time.perf_counter() - started) * 1e3
                 chunk.wire_bytes = wire_bytes
                 chunk.cache_hit = cached is not None
+                chunk.rate_control = encoded.rate_control
             yield chunk

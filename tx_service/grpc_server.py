@@ -9,6 +9,7 @@ from concurrent import futures
 
 import grpc
 
+from shared.codecs.rate import RateTarget
 from shared.errors import SplitVlmError
 from shared.metrics import LATENCY, PAYLOAD_BYTES, REQUESTS
 from shared.protocol import pb, pb_grpc
@@ -36,8 +37,10 @@ class TxServicer(pb_grpc.TxServiceServicer):
                 top_k=int(opts.top_k),
                 seed=int(opts.seed),
             )
+            # float32 on the wire: 0.99 arrives as 0.9900000095; round it back to what was meant.
+            target = RateTarget(int(request.target_bytes), round(float(request.target_fidelity), 6))
             for chunk in self.engine.ask(
-                request.image, request.prompt, options, request.codec, request.request_id
+                request.image, request.prompt, options, request.codec, request.request_id, target
             ):
                 if chunk.done:
                     PAYLOAD_BYTES.labels("tx").observe(chunk.payload_bytes)

@@ -28,6 +28,7 @@ import shared.codecs.svd  # noqa: F401
 from shared.codecs import (  # noqa: F401  (registers the stages)
     cast,
     linear_quant,
+    mulaw,
     pool,
     prune,
     raw,
@@ -55,6 +56,11 @@ PRESETS: dict[str, str] = {
     "lossless": "raw|zstd:3",
     "fp16": "fp16|zstd:3",
     "int8": "int8|zstd:3",
+    # Token reduction + low-bit quantization: need a split with token-reduction support (LLaVA);
+    # others refuse them with check_codec_support's error. Calibration-free. On LLaVA-1.5 features
+    # ([576, 1024]) about 1/21 and 1/126 of the fp16 bytes; see the README for tiny-model sizes.
+    "balanced": "pool:2|linear:bits=3|zstd:3",
+    "tiny": "pool:4|linear:bits=2|zstd:3",
 }
 
 # Default cap on any buffer decode produces, whatever shape the caller declares.
@@ -270,6 +276,57 @@ class Codec:
         (PacketTooLargeError otherwise).
         """
         ctx = _check_declared(shape, dtype)
+        fields = self._decode_fields(payload, ctx, max_decoded_bytes)
+        x = fields["x"]
+        FieldSpec(ctx.shape, FLOAT_DTYPES).check("x", x.dtype, tuple(x.shape))
+        if not bool(torch.isfinite(x).all()):
+            raise CodecError("corrupt payload: decoded features contain NaN or Inf")
+        return x.to(ctx.dtype)
+
+    def linear_decoder(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(W [k, D], b [D]) when decode ends in an affine map x = z W + b (``pca`` first), else None.
+
+        Lets the Rx fold that map into the connector's first Linear (`shared.codecs.fold`).
+        """
+        first = self.tensor_stages[0] if self.tensor_stages else None
+        method = getattr(first, "linear_decoder", None)
+        if method is None or self.token_reducers:
+            return None
+        w, b = method()
+        return torch.as_tensor(w), torch.as_tensor(b)
+
+    def decode_compact(
+        self,
+        payload: bytes | bytearray | memoryview,
+        shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        *,
+        max_decoded_bytes: int = MAX_DECODED_BYTES,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """`decode` without its final affine map: (z float32 [tokens, k], (W, b)), x = z W + b.
+
+        Same checks as `decode`; CodecError when `linear_decoder()` is None.
+        """
+        ctx = _check_declared(shape, dtype)
+        decoder = self.linear_decoder()
+        if decoder is None:
+            raise CodecError(f"codec {self.spec!r} does not end its decode in a linear map")
+        fields = self._decode_fields(payload, ctx, max_decoded_bytes, skip_first=True)
+        z = fields["x"].float()
+        FieldSpec((ctx.tokens, int(decoder[0].shape[0])), FLOAT_DTYPES).check("x", z.dtype, tuple(z.shape))
+        if not bool(torch.isfinite(z).all()):
+            raise CodecError("corrupt payload: decoded coefficients contain NaN or Inf")
+        return z, decoder
+
+    def _decode_fields(
+        self,
+        payload: bytes | bytearray | memoryview,
+        ctx: CodecContext,
+        max_decoded_bytes: int,
+        *,
+        skip_first: bool = False,
+    ) -> Fields:
+        """Byte stages⁻¹, unpack, tensor stages⁻¹ (all but the first one with `skip_first`)."""
         if isinstance(max_decoded_bytes, bool) or not isinstance(max_decoded_bytes, int):
             raise CodecError(f"max_decoded_bytes must be an int, got {max_decoded_bytes!r}")
         if not isinstance(payload, bytes | bytearray | memoryview):
@@ -294,17 +351,12 @@ class Codec:
         for byte_stage, max_size in zip(reversed(self.byte_stages), reversed(sizes[:-1]), strict=True):
             data = byte_stage.decode(data, ctx, max_size)
         fields = unpack(data, layout)
-        for stage, stage_ctx in zip(
-            reversed(self.tensor_stages), reversed(self.stage_contexts(ctx)), strict=True
-        ):
+        skip = 1 if skip_first else 0
+        stages = self.tensor_stages[skip:]
+        for stage, stage_ctx in zip(reversed(stages), reversed(self.stage_contexts(ctx)[skip:]), strict=True):
             restored = stage.decode({k: fields[k] for k in stage.outputs}, stage_ctx)
             fields = {k: v for k, v in fields.items() if k not in stage.outputs} | restored
-
-        x = fields["x"]
-        FieldSpec(ctx.shape, FLOAT_DTYPES).check("x", x.dtype, tuple(x.shape))
-        if not bool(torch.isfinite(x).all()):
-            raise CodecError("corrupt payload: decoded features contain NaN or Inf")
-        return x.to(ctx.dtype)
+        return fields
 
 
 def _check_features(features: object) -> CodecContext:

@@ -23,6 +23,7 @@ from PIL import Image
 from rich.progress import Progress
 
 from shared.codecs import build_codec
+from shared.codecs.rate import RateController, RateTarget, usable_ladder
 from shared.reference.scenes import QA, QTYPES, Scene, heldout_set
 from shared.split import (
     GenerationOptions,
@@ -54,6 +55,18 @@ class EvalResult:
     payload_bytes: list[int] = field(default_factory=list)
     feature_bytes: int = 0  # raw features per image at the split point, in the checkpoint dtype
     seconds: float = 0.0
+    budget_bytes: int = 0  # rate control's target_bytes (0: a fixed codec)
+    specs: list[str] = field(default_factory=list)  # rate control: the codec chosen per image
+
+    @property
+    def within_budget(self) -> float:
+        """Fraction of packets whose payload is at most `budget_bytes` (1.0 without a budget)."""
+        if not self.budget_bytes or not self.payload_bytes:
+            return 1.0
+        return sum(n <= self.budget_bytes for n in self.payload_bytes) / len(self.payload_bytes)
+
+    def spec_counts(self) -> dict[str, int]:
+        return dict(Counter(self.specs).most_common())
 
     @property
     def accuracy(self) -> float:
@@ -84,7 +97,16 @@ class EvalResult:
             "mean_payload_bytes": self.mean_payload_bytes,
             "feature_bytes": self.feature_bytes,
             "seconds": self.seconds,
-        }
+        } | (
+            {
+                "budget_bytes": self.budget_bytes,
+                "within_budget": self.within_budget,
+                "max_payload_bytes": max(self.payload_bytes, default=0),
+                "chosen_specs": self.spec_counts(),
+            }
+            if self.budget_bytes
+            else {}
+        )
 
 
 def _by_image(items: Sequence[tuple[Scene, QA]]) -> Iterator[tuple[Image.Image, list[tuple[int, QA]]]]:
@@ -166,6 +188,58 @@ def evaluate_split(
         payload_bytes=payloads,
         feature_bytes=feature_bytes,
         seconds=time.perf_counter() - started,
+    )
+
+
+def evaluate_rate_controlled(
+    folder: Path,
+    items: Sequence[tuple[Scene, QA]],
+    target: RateTarget,
+    split_point: SplitPoint = SplitPoint.AFTER_VISION_TOWER,
+    progress: Progress | None = None,
+) -> EvalResult:
+    """Split inference with the codec chosen per image by rate control (`shared.codecs.rate`)."""
+    tx, rx = load_tx_half(folder, split_point), load_rx_half(folder, split_point)
+    family = type(rx).__name__
+    rate = RateController(
+        usable_ladder(
+            accept=lambda c: check_codec_support(c, rx.codec_support, family, token_scores=tx.token_scores)
+        )
+    )
+    name = f"rate:{target.describe()}"
+    answers = [""] * len(items)
+    payloads: list[int] = []
+    specs: list[str] = []
+    feature_bytes = 0
+    task = progress.add_task(name, total=len(items)) if progress else None
+    started = time.perf_counter()
+    for image, group in _by_image(items):
+        with torch.inference_mode():
+            features = tx.encode(tx.preprocess([image]))
+        feats = features.features
+        feature_bytes = feats.numel() * feats.element_size()
+        choice = rate.choose(feats, target)
+        shape, features = features_for_codec(choice.codec, features)
+        payloads.append(len(choice.payload))
+        specs.append(choice.spec)
+        decoded = VisionFeatures(
+            choice.codec.decode(choice.payload, shape=shape, dtype=feats.dtype), dict(features.meta)
+        )
+        for i, qa in group:
+            ids = rx.generate(qa.question, decoded, ANSWER_OPTIONS)
+            answers[i] = normalize(rx.decode_tokens(ids))
+            if progress and task is not None:
+                progress.advance(task)
+    return EvalResult(
+        name=name,
+        qtypes=[qa.qtype for _, qa in items],
+        expected=[qa.answer for _, qa in items],
+        answers=answers,
+        payload_bytes=payloads,
+        feature_bytes=feature_bytes,
+        seconds=time.perf_counter() - started,
+        budget_bytes=target.max_bytes,
+        specs=specs,
     )
 
 

@@ -40,11 +40,14 @@ class VisionFeatures:
     always; family-specific keys such as ``image_grid_thw`` as needed).
     scores: optional per-token importance ``[tokens]`` that the Tx half computes for a
     codec that asks (`TxHalf.encode_scored`, e.g. CLS attention); never sent.
+    pre_projected: the Rx already applied `RxHalf.leading_linear` (``features`` is then
+    ``[tokens, out_features]``; see `shared.codecs.fold`), so the Rx half skips it. Rx only.
     """
 
     features: torch.Tensor
     meta: dict[str, list[int]] = field(default_factory=dict)
     scores: torch.Tensor | None = None
+    pre_projected: bool = False
 
     @property
     def tokens_per_image(self) -> list[int]:

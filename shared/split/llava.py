@@ -567,10 +567,14 @@ class LlavaRxHalf(HfRxHalf):
             raise BadRequestError(f"features must be a 2-D [tokens, dim] tensor, got shape {shape}")
         if not (x.is_floating_point()):
             raise BadRequestError(f"features must be floating point, got {x.dtype}")
-        if int(x.shape[1]) != self.feature_dim:
+        leading = self.leading_linear() if features.pre_projected else None
+        if features.pre_projected and leading is None:
+            raise BadRequestError("pre-projected features need a projector that starts with a Linear")
+        dim = self.feature_dim if leading is None else int(leading.out_features)
+        if int(x.shape[1]) != dim:
             raise BadRequestError(
                 f"feature dim {int(x.shape[1])} does not match this model's {self.split_point.value} "
-                f"feature dim {self.feature_dim}"
+                f"feature dim {dim}"
             )
         tpi = [int(t) for t in features.tokens_per_image]
         if not tpi or any(t <= 0 for t in tpi):
@@ -610,7 +614,11 @@ class LlavaRxHalf(HfRxHalf):
         with torch.inference_mode():
             embeds = self.model.get_input_embeddings()(input_ids)
             image_embeds = features.features.to(device=self.device, dtype=self.dtype).unsqueeze(0)
-            if self.projector is not None:
+            if self.projector is not None and features.pre_projected:
+                # linear_1 already applied (folded into the codec's decoder): the rest of the projector.
+                projector: Any = self.projector
+                image_embeds = projector.linear_2(projector.act(image_embeds))
+            elif self.projector is not None:
                 image_embeds = self.projector(image_embeds)
             image_embeds = image_embeds.to(embeds.dtype)
             mask = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)

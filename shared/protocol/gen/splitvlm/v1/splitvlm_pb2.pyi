@@ -102,7 +102,7 @@ class Timings(_message.Message):
     def __init__(self, ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TextChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "done", "timings", "payload_bytes", "wire_bytes", "request_id", "codec_spec", "cache_hit", "feature_bytes")
+    __slots__ = ("text", "token_ids", "done", "timings", "payload_bytes", "wire_bytes", "request_id", "codec_spec", "cache_hit", "feature_bytes", "rate_control")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class TextChunk(_message.Message):
     CODEC_SPEC_FIELD_NUMBER: _ClassVar[int]
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     FEATURE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RATE_CONTROL_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     done: bool
@@ -123,7 +124,8 @@ class TextChunk(_message.Message):
     codec_spec: str
     cache_hit: bool
     feature_bytes: int
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., request_id: _Optional[str] = ..., codec_spec: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., feature_bytes: _Optional[int] = ...) -> None: ...
+    rate_control: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., request_id: _Optional[str] = ..., codec_spec: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., feature_bytes: _Optional[int] = ..., rate_control: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("start", "payload_chunk")
@@ -174,15 +176,19 @@ class InfoResponse(_message.Message):
     def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., format_versions: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., split_points: _Optional[_Iterable[_Union[SplitPoint, str]]] = ..., codecs: _Optional[_Iterable[str]] = ..., codec_fingerprints: _Optional[_Iterable[str]] = ..., max_packet_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., notice: _Optional[str] = ...) -> None: ...
 
 class AskRequest(_message.Message):
-    __slots__ = ("image", "prompt", "options", "codec", "request_id")
+    __slots__ = ("image", "prompt", "options", "codec", "request_id", "target_bytes", "target_fidelity")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIDELITY_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     prompt: str
     options: GenerationOptions
     codec: str
     request_id: str
-    def __init__(self, image: _Optional[bytes] = ..., prompt: _Optional[str] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., codec: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    target_bytes: int
+    target_fidelity: float
+    def __init__(self, image: _Optional[bytes] = ..., prompt: _Optional[str] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., codec: _Optional[str] = ..., request_id: _Optional[str] = ..., target_bytes: _Optional[int] = ..., target_fidelity: _Optional[float] = ...) -> None: ...
