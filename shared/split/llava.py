@@ -356,6 +356,15 @@ def cls_attention(
     return scores[:, 1:] if strategy == "default" else scores
 
 
+def load_hf_config(folder: Path) -> Any:
+    """The checkpoint's transformers config; ModelError (naming the folder) when it does not load."""
+    read_model_config(folder)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as e:  # transformers raises many kinds
+        raise ModelError(f"cannot load the config of {folder}: {e}") from e
+
+
 class LlavaTxHalf(TxHalf):
     """Image processor + vision tower (+ projector for ``after_projector``); no language model."""
 
@@ -370,11 +379,7 @@ class LlavaTxHalf(TxHalf):
         self.folder = Path(folder)
         self.split_point = SplitPoint(split_point)
         self.device = torch.device(device)
-        read_model_config(self.folder)
-        try:
-            self.config = AutoConfig.from_pretrained(self.folder)
-        except Exception as e:  # transformers raises many kinds
-            raise ModelError(f"cannot load the config of {self.folder}: {e}") from e
+        self.config = load_hf_config(self.folder)
         self.dtype = resolve_dtype(self.config, dtype)
         self.strategy = _check_strategy(self.config)
         self.vision_feature_layer = self.config.vision_feature_layer

@@ -61,6 +61,7 @@ from shared.split.llava import (
     HfRxHalf,
     chat_text,
     checkpoint_key_files,
+    load_hf_config,
     load_part,
     quiet_progress_bars,
     resolve_dtype,
@@ -249,11 +250,7 @@ class QwenVLTxHalf(TxHalf):
         self.folder = Path(folder)
         self.split_point = SplitPoint(split_point)
         self.device = torch.device(device)
-        read_model_config(self.folder)
-        try:
-            self.config = AutoConfig.from_pretrained(self.folder)
-        except Exception as e:  # transformers raises many kinds
-            raise ModelError(f"cannot load the config of {self.folder}: {e}") from e
+        self.config = load_hf_config(self.folder)
         self.family = _family(self.config, self.folder)
         self.dtype = resolve_dtype(self.config, dtype)
         self.merge_size = int(self.config.vision_config.spatial_merge_size)

@@ -45,7 +45,6 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoImageProcessor,
     AutoModel,
     AutoProcessor,
@@ -69,6 +68,7 @@ from shared.split.llava import (
     HfRxHalf,
     chat_text,
     checkpoint_key_files,
+    load_hf_config,
     load_part,
     quiet_progress_bars,
     resolve_dtype,
@@ -174,11 +174,7 @@ class Qwen3VLTxHalf(TxHalf):
         self.folder = Path(folder)
         self.split_point = SplitPoint(split_point)
         self.device = torch.device(device)
-        read_model_config(self.folder)
-        try:
-            self.config = AutoConfig.from_pretrained(self.folder)
-        except Exception as e:  # transformers raises many kinds
-            raise ModelError(f"cannot load the config of {self.folder}: {e}") from e
+        self.config = load_hf_config(self.folder)
         _check_model_type(self.config, self.folder)
         self.dtype = resolve_dtype(self.config, dtype)
         vision_config = self.config.vision_config
