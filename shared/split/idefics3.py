@@ -63,6 +63,7 @@ from shared.split.base import (
 )
 from shared.split.llava import (
     HfRxHalf,
+    HfTxHalf,
     chat_text,
     checkpoint_key_files,
     load_part,
@@ -200,7 +201,7 @@ def tiles_for(rows: int, cols: int) -> int:
 # The halves
 
 
-class Idefics3TxHalf(TxHalf):
+class Idefics3TxHalf(HfTxHalf):
     """Image processor + vision transformer (+ connector for ``after_projector``); no language model."""
 
     def __init__(
@@ -264,9 +265,6 @@ class Idefics3TxHalf(TxHalf):
     def torch_modules(self) -> list[nn.Module]:
         """The torch modules this half holds."""
         return [m for m in (self.vision_model, self.connector) if m is not None]
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for m in self.torch_modules() for p in m.parameters())
 
     def preprocess(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
         """pixel_values ``[1, tiles, 3, H, W]``, pixel_attention_mask, and each image's split grid."""

@@ -365,7 +365,29 @@ def load_hf_config(folder: Path) -> Any:
         raise ModelError(f"cannot load the config of {folder}: {e}") from e
 
 
-class LlavaTxHalf(TxHalf):
+class HfTxHalf(TxHalf):
+    """What the Hugging Face adapters' Tx halves share: parameter count and plain preprocessing.
+
+    Subclasses set ``image_processor`` and implement `torch_modules` and `encode`.
+    """
+
+    image_processor: Any
+
+    def torch_modules(self) -> list[nn.Module]:
+        """The torch modules this half holds."""
+        raise NotImplementedError
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for m in self.torch_modules() for p in m.parameters())
+
+    def preprocess(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        if not images:
+            raise BadRequestError("at least one image is required")
+        out = self.image_processor(images=list(images), return_tensors="pt")
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+class LlavaTxHalf(HfTxHalf):
     """Image processor + vision tower (+ projector for ``after_projector``); no language model."""
 
     def __init__(
@@ -426,15 +448,6 @@ class LlavaTxHalf(TxHalf):
     def torch_modules(self) -> list[nn.Module]:
         """The torch modules this half holds."""
         return [m for m in (self.vision_tower, self.projector) if m is not None]
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for m in self.torch_modules() for p in m.parameters())
-
-    def preprocess(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        if not images:
-            raise BadRequestError("at least one image is required")
-        out = self.image_processor(images=list(images), return_tensors="pt")
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def encode(self, pixel_inputs: dict[str, torch.Tensor]) -> VisionFeatures:
         return self._encode(pixel_inputs, "")

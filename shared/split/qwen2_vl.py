@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -59,6 +58,7 @@ from shared.split.base import (
 )
 from shared.split.llava import (
     HfRxHalf,
+    HfTxHalf,
     chat_text,
     checkpoint_key_files,
     load_hf_config,
@@ -236,7 +236,7 @@ class _GroupPatches(nn.Module):
         return x.reshape(-1, self.unit * x.shape[-1])
 
 
-class QwenVLTxHalf(TxHalf):
+class QwenVLTxHalf(HfTxHalf):
     """Image processor + vision blocks (+ the patch merger for ``after_projector``); no language model."""
 
     def __init__(
@@ -286,15 +286,6 @@ class QwenVLTxHalf(TxHalf):
     def torch_modules(self) -> list[nn.Module]:
         """The torch modules this half holds."""
         return [self.visual]
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for m in self.torch_modules() for p in m.parameters())
-
-    def preprocess(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        if not images:
-            raise BadRequestError("at least one image is required")
-        out = self.image_processor(images=list(images), return_tensors="pt")
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def encode(self, pixel_inputs: dict[str, torch.Tensor]) -> VisionFeatures:
         pixel_values = pixel_inputs.get("pixel_values")

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 from transformers import (
     AutoImageProcessor,
@@ -66,6 +65,7 @@ from shared.split.base import (
 )
 from shared.split.llava import (
     HfRxHalf,
+    HfTxHalf,
     chat_text,
     checkpoint_key_files,
     load_hf_config,
@@ -160,7 +160,7 @@ def split_levels(features: torch.Tensor, levels: int) -> list[torch.Tensor]:
 # The halves
 
 
-class Qwen3VLTxHalf(TxHalf):
+class Qwen3VLTxHalf(HfTxHalf):
     """Image processor + vision encoder (+ its mergers for ``after_projector``); no language model."""
 
     def __init__(
@@ -212,15 +212,6 @@ class Qwen3VLTxHalf(TxHalf):
     def torch_modules(self) -> list[nn.Module]:
         """The torch modules this half holds."""
         return [self.visual]
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for m in self.torch_modules() for p in m.parameters())
-
-    def preprocess(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        if not images:
-            raise BadRequestError("at least one image is required")
-        out = self.image_processor(images=list(images), return_tensors="pt")
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def encode(self, pixel_inputs: dict[str, torch.Tensor]) -> VisionFeatures:
         pixel_values = pixel_inputs.get("pixel_values")
