@@ -56,7 +56,7 @@ class RxEngine:
     # Calibration artifacts by the canonical codec spec they were fitted for (settings.codec_artifacts).
     artifacts: dict[str, CalibrationArtifact] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    # Folded first-layer Linears by codec fingerprint (settings.fold_decoder).
+    # Folded first-layer decoders (pca, sparse) by codec fingerprint (settings.fold_decoder).
     _fold_cache: FoldCache | None = None
 
     @classmethod
@@ -198,9 +198,9 @@ class RxEngine:
         if folded is None:
             return None
         shape = (int(header.shape[0]), int(header.shape[1]))
-        z, _ = codec.decode_compact(payload, shape, header_dtype(header))
+        code, _ = codec.decode_compact(payload, shape, header_dtype(header))
         with torch.inference_mode():
-            h = folded(z.to(device=folded.weight.device, dtype=folded.weight.dtype))
+            h = folded(code)  # pca: dense matmul; sparse: k folded atoms gathered per token
         return VisionFeatures(features=h, meta=header_meta(header), pre_projected=True)
 
     def _stream(

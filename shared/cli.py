@@ -78,6 +78,13 @@ def rx_serve(
     http_port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
     split: SplitOpt = None,
     codec_artifact: ArtifactOpt = None,
+    fold_decoder: Annotated[
+        bool | None,
+        typer.Option(
+            help="Fold a linear codec decoder (pca, sparse) into the projector's first Linear "
+            "(compressed-domain decoding) [default: on, or SPLITVLM_RX_FOLD_DECODER]."
+        ),
+    ] = None,
 ) -> None:
     """Serve the Rx (gRPC + HTTP) until interrupted."""
     from rx_service.server import start_rx
@@ -90,6 +97,7 @@ def rx_serve(
         http_port=http_port,
         split_point=split,
         codec_artifacts=codec_artifact or None,
+        fold_decoder=fold_decoder,
     )
     with console.status(f"loading {settings.model} (Rx half)"):
         running = _or_exit(lambda: start_rx(settings))
@@ -189,12 +197,16 @@ def train_reference_cmd(
     out: Annotated[Path, typer.Option(help="Folder to write the checkpoint into.")] = Path(
         "shared/models/reference-llava"
     ),
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 1000,
-    images_per_step: Annotated[int, typer.Option(min=1)] = 16,
-    lr: Annotated[float, typer.Option(min=0.0)] = 1.5e-3,
+    vision_steps: Annotated[
+        int, typer.Option(min=0, help="Stage 1 steps: vision tower on per-patch targets.")
+    ] = 2400,
+    steps: Annotated[
+        int, typer.Option(min=1, help="Stage 2 steps: projector + language model on answers.")
+    ] = 3000,
     seed: Annotated[
         int, typer.Option(min=0, help="Model init seed; also picks the training scene seeds.")
     ] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="torch threads (0: torch's default).")] = 0,
     eval_images: Annotated[
         int, typer.Option(min=1, help="Held-out scenes to score (2 questions each).")
     ] = 300,
@@ -203,7 +215,7 @@ def train_reference_cmd(
     from shared.reference.build import train_reference
     from shared.reference.train import TrainConfig
 
-    cfg = TrainConfig(steps=steps, images_per_step=images_per_step, lr=lr, seed=seed)
+    cfg = TrainConfig(vision_steps=vision_steps, steps=steps, seed=seed, threads=threads)
     result = train_reference(out, cfg, console, eval_images)
     console.print(f"saved {out}; held-out accuracy {result.accuracy:.1%}")
     for qtype, acc in result.per_type().items():
@@ -278,14 +290,23 @@ def eval_cmd(
             min=1, help="Also split with rate control (a codec per image, payload <= N B); repeatable."
         ),
     ] = None,
+    codec_artifact: ArtifactOpt = None,
+    fold_decoder: Annotated[
+        bool,
+        typer.Option(
+            help="Split runs fold a linear codec decoder (pca, sparse) into the projector's first "
+            "Linear, as the Rx does; compare with --no-fold-decoder."
+        ),
+    ] = False,
 ) -> None:
     """Exact-match accuracy on the held-out VQA set, unsplit and split through each codec."""
     import json
 
     from rich.progress import Progress
 
+    from shared.codecs.calibrate import load_artifacts
     from shared.codecs.rate import RateTarget
-    from shared.models.registry import resolve_model
+    from shared.models.registry import model_fingerprint, resolve_model
     from shared.reference.evaluate import (
         evaluate_rate_controlled,
         evaluate_split,
@@ -295,13 +316,18 @@ def eval_cmd(
 
     def run() -> None:
         folder = resolve_model(model)
+        artifacts = load_artifacts(codec_artifact or [], model_fingerprint(folder))
         items = heldout_items(images)
         results = []
         with Progress(console=console, transient=True) as progress:
             if unsplit:
                 results.append(evaluate_unsplit(folder, items, progress))
             for spec in codec or []:
-                results.append(evaluate_split(folder, items, spec, split, progress))
+                results.append(
+                    evaluate_split(
+                        folder, items, spec, split, progress, fold_decoder=fold_decoder, artifacts=artifacts
+                    )
+                )
             for budget in target_bytes or []:
                 results.append(evaluate_rate_controlled(folder, items, RateTarget(budget), split, progress))
         console.print(eval_table(results))
@@ -367,6 +393,130 @@ def _serve_forever(running: Any) -> None:
     except KeyboardInterrupt:
         console.print("stopping")
         running.stop()
+
+
+def _split_codec_list(text: str) -> list[str]:
+    """Comma-separated codec specs; a piece like ``granularity=token`` continues the previous spec."""
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if specs and "=" in piece.split("|")[0] and ":" not in piece.split("|")[0]:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return specs
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Annotated[str, typer.Option(help="Model reference (see rx serve).")] = DEFAULT_MODEL,
+    out: Annotated[Path, typer.Option(help="Output folder (bench.json, README.md, PNG plots).")] = Path(
+        "docs/benchmarks/latest"
+    ),
+    codecs: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated codec presets/specs [default: lossless,fp16,int8,balanced,tiny,...]."
+        ),
+    ] = None,
+    image_codecs: Annotated[
+        str | None, typer.Option(help="Comma-separated image codecs for cloud-only: jpeg:Q, webp:Q, png.")
+    ] = None,
+    images: Annotated[int, typer.Option(min=1, help="Held-out scenes (2 questions each).")] = 300,
+    quick: Annotated[bool, typer.Option(help="Smoke test: 3 scenes, 3 throttled requests.")] = False,
+    bandwidths: Annotated[str, typer.Option(help="Uplink rates to model, Mbit/s, comma-separated.")] = (
+        "0.5,2,10,100"
+    ),
+    rtt_ms: Annotated[float, typer.Option(min=0.0, help="Round-trip time of the modelled link.")] = 40.0,
+    threads: Annotated[
+        int, typer.Option(min=0, help="torch threads (0: torch's default); throughput is per thread.")
+    ] = 1,
+    split: Annotated[
+        SplitPoint, typer.Option(help="Where the model is cut.")
+    ] = SplitPoint.AFTER_VISION_TOWER,
+    validate: Annotated[
+        bool, typer.Option(help="Check the latency model with real transfers through a throttled link.")
+    ] = True,
+    validate_mbps: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Rate of the throttled link [default: the lowest --bandwidths]."),
+    ] = None,
+    image_folder: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the --questions images [default: its folder].", file_okay=False),
+    ] = None,
+    questions: Annotated[
+        Path | None,
+        typer.Option(
+            help='Your questions instead of the held-out scenes: JSON lines {"image", "question", "answer"}.'
+        ),
+    ] = None,
+    codec_artifact: ArtifactOpt = None,
+) -> None:
+    """Split inference vs sending the image: bytes, accuracy, timings and latency, measured in one run."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from shared.bench import BenchConfig, run_bench
+    from shared.bench.baselines import DEFAULT_IMAGE_CODECS, parse_image_codec
+    from shared.bench.report import HEADLINE_COLUMNS, findings_lines, headline_rows, write_report
+    from shared.bench.run import DEFAULT_CODECS
+
+    def run() -> None:
+        try:
+            rates = [float(b) for b in bandwidths.split(",") if b.strip()]
+            icodecs = (
+                [parse_image_codec(c) for c in image_codecs.split(",") if c.strip()]
+                if image_codecs
+                else list(DEFAULT_IMAGE_CODECS)
+            )
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        if not rates or any(r <= 0 for r in rates):
+            raise typer.BadParameter("--bandwidths needs positive Mbit/s values")
+        config = BenchConfig(
+            model=model,
+            codecs=_split_codec_list(codecs) if codecs else list(DEFAULT_CODECS),
+            image_codecs=icodecs,
+            images=3 if quick else images,
+            bandwidths=rates,
+            rtt_ms=rtt_ms,
+            threads=threads,
+            split=split,
+            validate=validate,
+            validate_mbps=validate_mbps,
+            validate_requests=3 if quick else 0,
+            image_folder=image_folder,
+            questions=questions,
+            codec_artifacts=list(codec_artifact or []),
+        )
+        columns = (
+            TextColumn("{task.description:<32}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("loading the model", total=None)
+
+            def on_progress(what: str, done: int, total: int) -> None:
+                progress.update(task, description=what, completed=done, total=total)
+
+            results = run_bench(config, on_progress)
+        paths = write_report(results, out)
+        table = Table(title=f"splitvlm bench: {model} ({results['meta']['n_questions']} questions)")
+        for col in HEADLINE_COLUMNS:
+            table.add_column(col, justify="left" if col == "path" else "right")
+        for row in headline_rows(results):
+            table.add_row(*row)
+        console.print(table)
+        for spec, reason in results["skipped_codecs"].items():
+            console.print(f"skipped {spec}: {reason}", markup=False, highlight=False)
+        for line in findings_lines(results):
+            console.print(line, markup=False, highlight=False)
+        console.print(f"wrote {', '.join(str(p) for p in paths)}")
+
+    _or_exit(run)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ class RxSettings(BaseSettings):
     )
     fold_decoder: bool = Field(
         True,
-        description="fold a linear codec decoder (pca) into the projector's first Linear "
+        description="fold a linear codec decoder (pca, sparse) into the projector's first Linear "
         "(compressed-domain decoding); codecs that cannot be folded decode normally",
     )
     max_packet_bytes: int = Field(64 * 2**20, gt=0)

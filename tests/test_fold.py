@@ -1,4 +1,5 @@
-"""Compressed-domain decoding: a pca decoder folded into LLaVA's projector linear_1 (shared.codecs.fold)."""
+"""Compressed-domain decoding: pca and sparse decoders folded into LLaVA's projector linear_1
+(shared.codecs.fold)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,37 @@ from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from shared.codecs import build_codec
 from shared.codecs.calibrate import collect_features, fit_stages, synthetic_images
 from shared.codecs.calibration import CalibrationArtifact
-from shared.codecs.fold import FoldCache, flops, fold
-from shared.split import GenerationOptions, VisionFeatures
+from shared.codecs.fold import CompactCode, FoldCache, flops, fold
+from shared.errors import CodecError
+from shared.split import GenerationOptions, VisionFeatures, features_for_codec
 
 MODEL = "builtin:tiny-llava"
-SPEC = "pca:k=16|int8|zstd"
+PCA = "pca:k=16|int8|zstd"
+SPARSE = "sparse:atoms=64,k=8|int8|zstd"
+KMEANS = "kmeans:bits=2|zstd"  # calibrated, but its decoder is a table look-up: not foldable
+SPECS = [PCA, SPARSE]
+# Codecs whose decode is not a linear map of what they send: they decode normally with folding on.
+UNFOLDABLE = ["int8", "svd:r=4|fp16|zstd", "pool:2|int8|zstd", KMEANS]
 PROMPT = "What is in the image?"
 
 
 @pytest.fixture(scope="module")
-def artifact(cache_dir: Path, model_dir: Path) -> CalibrationArtifact:
-    features, fingerprint = collect_features(MODEL, synthetic_images(6), cache_dir=cache_dir)
-    return fit_stages(SPEC, features, model=MODEL, model_fingerprint=fingerprint)
+def calibration(cache_dir: Path, model_dir: Path) -> tuple[list[torch.Tensor], str]:
+    return collect_features(MODEL, synthetic_images(6), cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def artifacts(calibration: tuple[list[torch.Tensor], str]) -> dict[str, CalibrationArtifact]:
+    features, fingerprint = calibration
+    return {
+        spec: fit_stages(spec, features, model=MODEL, model_fingerprint=fingerprint)
+        for spec in (*SPECS, KMEANS)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +49,32 @@ def halves(model_dir: Path) -> tuple[Any, Any]:
     return load_tx_half(model_dir), load_rx_half(model_dir)
 
 
+def _codec(spec: str, artifacts: dict[str, CalibrationArtifact]) -> Any:
+    return build_codec(spec, artifact=artifacts.get(spec))
+
+
 def _both_ways(codec: Any, rx: Any, features: VisionFeatures) -> tuple[VisionFeatures, VisionFeatures]:
     """(decoded features, pre-projected features from the folded decoder) for one payload."""
     payload = codec.encode(features.features)
     shape = tuple(features.features.shape)
     decoded = codec.decode(payload, shape, features.features.dtype)
-    z, decoder = codec.decode_compact(payload, shape, features.features.dtype)
+    code, decoder = codec.decode_compact(payload, shape, features.features.dtype)
     with torch.inference_mode():
-        h = fold(decoder, rx.leading_linear())(z)
+        h = fold(decoder, rx.leading_linear())(code)
     return (
         VisionFeatures(features=decoded, meta=features.meta),
         VisionFeatures(features=h, meta=features.meta, pre_projected=True),
     )
+
+
+def _projector_output(rx: Any, features: VisionFeatures) -> torch.Tensor:
+    """What the projector hands the language model (linear_1 → act → linear_2)."""
+    projector = rx.projector
+    with torch.inference_mode():
+        x = features.features.to(rx.dtype)
+        if features.pre_projected:
+            return projector.linear_2(projector.act(x)).double()
+        return projector(x).double()
 
 
 def _first_logits(rx: Any, features: VisionFeatures) -> torch.Tensor:
@@ -54,52 +84,100 @@ def _first_logits(rx: Any, features: VisionFeatures) -> torch.Tensor:
         return out.logits[0, -1].double()
 
 
-def test_decode_compact_is_decode_before_its_linear_map(artifact: CalibrationArtifact) -> None:
-    codec = build_codec(SPEC, artifact=artifact)
-    x = torch.randn(10, artifact.tensors["0.pca.basis"].shape[1])
+def _relative(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_decode_compact_is_decode_before_its_linear_map(
+    spec: str, artifacts: dict[str, CalibrationArtifact]
+) -> None:
+    codec = _codec(spec, artifacts)
+    w, b = codec.linear_decoder()
+    x = torch.randn(10, w.shape[1])
     payload = codec.encode(x)
-    z, (w, b) = codec.decode_compact(payload, tuple(x.shape))
-    assert z.shape == (10, 16) and z.dtype == torch.float32
-    torch.testing.assert_close(z @ w + b, codec.decode(payload, tuple(x.shape)), rtol=1e-5, atol=1e-5)
-    assert build_codec("int8").linear_decoder() is None
-    assert build_codec("fp16|zstd:3").linear_decoder() is None
+    code, (w2, b2) = codec.decode_compact(payload, tuple(x.shape))
+    assert torch.equal(w, w2) and torch.equal(b, b2)
+    assert code.values.dtype == torch.float32
+    if spec == PCA:
+        assert code.indices is None and code.values.shape == (10, 16) and w.shape[0] == 16
+    else:
+        assert w.shape[0] == 64  # one row per atom
+        assert code.values.shape == (10, 8) and code.indices is not None and code.indices.shape == (10, 8)
+        assert int(code.indices.min()) >= 0 and int(code.indices.max()) < 64
+    decoded = codec.decode(payload, tuple(x.shape))
+    torch.testing.assert_close(code.apply(w, b), decoded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(code.dense(w.shape[0]) @ w + b, decoded, rtol=1e-5, atol=1e-5)
+
+
+def test_codecs_without_a_linear_decoder(artifacts: dict[str, CalibrationArtifact]) -> None:
+    for spec in [*UNFOLDABLE, "fp16|zstd:3"]:
+        codec = _codec(spec, artifacts)
+        assert codec.linear_decoder() is None, spec
+        with pytest.raises(CodecError, match="linear map"):
+            codec.decode_compact(codec.encode(torch.randn(16, 64)), (16, 64))
 
 
 def test_fold_equals_decode_then_linear() -> None:
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(8, 32, generator=g), torch.randn(32, generator=g)
-    lin = torch.nn.Linear(32, 48)
-    z = torch.randn(5, 8, generator=g)
+    dense = CompactCode(torch.randn(5, 8, generator=g))
+    sparse = CompactCode(torch.randn(5, 3, generator=g), torch.randint(0, 8, (5, 3), generator=g))
     with torch.inference_mode():
-        torch.testing.assert_close(fold((w, b), lin)(z), lin(z @ w + b), rtol=1e-5, atol=1e-5)
-        nobias = torch.nn.Linear(32, 48, bias=False)
-        torch.testing.assert_close(fold((w, b), nobias)(z), nobias(z @ w + b), rtol=1e-5, atol=1e-5)
+        for lin in (torch.nn.Linear(32, 48), torch.nn.Linear(32, 48, bias=False)):
+            folded = fold((w, b), lin)
+            assert (folded.in_features, folded.out_features) == (8, 48)
+            z = dense.values
+            torch.testing.assert_close(folded(z), lin(z @ w + b), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(folded(dense), lin(z @ w + b), rtol=1e-5, atol=1e-5)
+            # A sparse code gathers its rows: the same as the dense coefficient matrix it stands for.
+            x = sparse.dense(8) @ w + b
+            torch.testing.assert_close(sparse.apply(w, b), x, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(folded(sparse), lin(x), rtol=1e-5, atol=1e-5)
     assert flops(576, 64, 1024, 4096) == (576 * 64 * 1024 + 576 * 1024 * 4096, 576 * 64 * 4096)
 
 
-def test_folded_logits_match_decode_then_project(
-    artifact: CalibrationArtifact, halves: tuple[Any, Any], images: list
+def test_compact_code_check_rejects_bad_codes() -> None:
+    values = torch.ones(4, 2)
+    CompactCode(values, torch.zeros(4, 2, dtype=torch.long)).check(4, 8)
+    with pytest.raises(CodecError, match=r"lie in \[0, 8\)"):
+        CompactCode(values, torch.full((4, 2), 8, dtype=torch.long)).check(4, 8)
+    with pytest.raises(CodecError, match=r"lie in \[0, 8\)"):
+        CompactCode(values, torch.full((4, 2), -1, dtype=torch.long)).check(4, 8)
+    with pytest.raises(CodecError, match="shape"):
+        CompactCode(values).check(4, 8)  # dense needs one coefficient per row
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        CompactCode(torch.full((4, 8), float("nan"))).check(4, 8)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_folded_projector_output_and_logits_match_decode_then_project(
+    spec: str, artifacts: dict[str, CalibrationArtifact], halves: tuple[Any, Any], images: list
 ) -> None:
     tx, rx = halves
     assert rx.codec_support.fold_linear and rx.leading_linear() is not None
-    codec = build_codec(SPEC, artifact=artifact)
-    worst = 0.0
+    codec = _codec(spec, artifacts)
+    worst_projector = worst_logits = 0.0
     for image in images:
         features = tx.encode(tx.preprocess([image]))
         decoded, folded = _both_ways(codec, rx, features)
-        ref, got = _first_logits(rx, decoded), _first_logits(rx, folded)
-        worst = max(worst, float((got - ref).abs().max() / ref.abs().max()))
-    print(f"max relative logits error {worst:.3e}")
-    assert worst < 1e-4, worst
+        worst_projector = max(
+            worst_projector, _relative(_projector_output(rx, folded), _projector_output(rx, decoded))
+        )
+        worst_logits = max(worst_logits, _relative(_first_logits(rx, folded), _first_logits(rx, decoded)))
+    print(f"{spec}: max relative error projector {worst_projector:.3e}, logits {worst_logits:.3e}")
+    assert worst_projector < 1e-4, worst_projector
+    assert worst_logits < 1e-4, worst_logits
 
 
+@pytest.mark.parametrize("spec", SPECS)
 def test_greedy_answers_are_identical_on_heldout_scenes(
-    artifact: CalibrationArtifact, halves: tuple[Any, Any]
+    spec: str, artifacts: dict[str, CalibrationArtifact], halves: tuple[Any, Any]
 ) -> None:
     from shared.reference.evaluate import heldout_items
 
     tx, rx = halves
-    codec = build_codec(SPEC, artifact=artifact)
+    codec = _codec(spec, artifacts)
     options = GenerationOptions(max_new_tokens=6)
     items = heldout_items(n_images=10, per_image=1)
     assert len(items) == 10
@@ -117,18 +195,23 @@ def test_pre_projected_features_need_the_projector_width(halves: tuple[Any, Any]
         rx.build_inputs(PROMPT, wrong)
 
 
-def test_fold_cache_reuses_per_fingerprint(artifact: CalibrationArtifact, halves: tuple[Any, Any]) -> None:
+def test_fold_cache_reuses_per_fingerprint(
+    artifacts: dict[str, CalibrationArtifact], halves: tuple[Any, Any]
+) -> None:
     _, rx = halves
     cache = FoldCache(rx.leading_linear())
-    codec = build_codec(SPEC, artifact=artifact)
-    assert cache.get(codec) is cache.get(build_codec(SPEC, artifact=artifact))
-    assert cache.get(build_codec("int8")) is None
+    pca, sparse = (cache.get(_codec(spec, artifacts)) for spec in SPECS)
+    assert pca is not None and sparse is not None and pca is not sparse
+    assert pca is cache.get(_codec(PCA, artifacts)) and sparse is cache.get(_codec(SPARSE, artifacts))
+    assert sparse.weight.shape == (64, rx.leading_linear().out_features)  # folded atoms
+    for spec in UNFOLDABLE:
+        assert cache.get(_codec(spec, artifacts)) is None
 
 
 @pytest.mark.parametrize("fold_decoder", [True, False])
 def test_rx_engine_reports_which_path_ran(
     fold_decoder: bool,
-    artifact: CalibrationArtifact,
+    artifacts: dict[str, CalibrationArtifact],
     halves: tuple[Any, Any],
     cache_dir: Path,
     tmp_path: Path,
@@ -139,17 +222,19 @@ def test_rx_engine_reports_which_path_ran(
     from shared.config import RxSettings
     from shared.protocol.packet import build_header
 
-    path = tmp_path / "pca"
-    artifact.save(path)
+    paths = []
+    for i, artifact in enumerate(artifacts.values()):
+        artifact.save(tmp_path / f"a{i}")
+        paths.append(tmp_path / f"a{i}")
     monkeypatch.setenv("SPLITVLM_RX_FOLD_DECODER", "1" if fold_decoder else "0")
-    settings = RxSettings(cache_dir=cache_dir, codec_artifacts=[path])
+    settings = RxSettings(cache_dir=cache_dir, codec_artifacts=paths)
     assert settings.fold_decoder is fold_decoder
     engine = RxEngine.load(settings)
     tx, _ = halves
-    features = tx.encode(tx.preprocess([images[2]]))
-    answers = {}
-    for spec in (SPEC, "int8"):
-        codec = build_codec(spec, artifact=artifact if spec == SPEC else None)
+    options = GenerationOptions(max_new_tokens=4)
+    for spec in [*SPECS, *UNFOLDABLE]:
+        codec = _codec(spec, artifacts)
+        shape, features = features_for_codec(codec, tx.encode(tx.preprocess([images[2]])))
         payload = codec.encode(features.features)
         header = build_header(
             request_id=uuid.uuid4().hex,
@@ -159,11 +244,82 @@ def test_rx_engine_reports_which_path_ran(
             codec_fingerprint=codec.fingerprint,
             features=features,
             payload=payload,
+            shape=shape,
         )
-        chunks = list(engine.generate(header, payload, PROMPT, GenerationOptions(max_new_tokens=4)))
+        chunks = list(engine.generate(header, payload, PROMPT, options))
         timings = dict(chunks[-1].timings.ms)
-        folded = fold_decoder and spec == SPEC
-        assert ("rx_folded_decode" in timings) is folded
-        assert ("rx_codec_decode" in timings) is not folded
-        answers[spec] = [t for c in chunks for t in c.token_ids]
-    assert answers[SPEC]
+        folded = fold_decoder and spec in SPECS
+        assert ("rx_folded_decode" in timings) is folded, spec
+        assert ("rx_codec_decode" in timings) is not folded, spec
+        tokens = [t for c in chunks for t in c.token_ids]
+        decoded = VisionFeatures(codec.decode(payload, shape, features.features.dtype), dict(features.meta))
+        assert tokens == engine.half.generate(PROMPT, decoded, options), spec
+
+
+def test_cli_fold_decoder_options_are_wired(
+    monkeypatch: pytest.MonkeyPatch,
+    cache_dir: Path,
+    model_dir: Path,
+    artifacts: dict[str, CalibrationArtifact],
+    tmp_path: Path,
+) -> None:
+    import rx_service.server
+    import shared.reference.evaluate
+    from shared.cli import app
+    from shared.errors import SplitVlmError
+    from shared.reference.evaluate import EvalResult
+
+    seen: dict[str, Any] = {}
+
+    def fake_start_rx(settings: Any) -> None:
+        seen["rx"] = settings.fold_decoder
+        raise SplitVlmError("not starting in this test")
+
+    def fake_split(folder: Path, items: Any, spec: str, *args: Any, **kwargs: Any) -> EvalResult:
+        seen["eval"] = kwargs
+        return EvalResult(name=spec, qtypes=[], expected=[], answers=[])
+
+    monkeypatch.setattr(rx_service.server, "start_rx", fake_start_rx)
+    monkeypatch.setattr(shared.reference.evaluate, "evaluate_split", fake_split)
+    runner = CliRunner()
+    for args, env, want in [
+        (["--fold-decoder"], "0", True),
+        (["--no-fold-decoder"], "1", False),
+        ([], "0", False),  # no flag: SPLITVLM_RX_FOLD_DECODER decides
+        ([], "1", True),
+    ]:
+        monkeypatch.setenv("SPLITVLM_RX_FOLD_DECODER", env)
+        result = runner.invoke(app, ["rx", "serve", *args])
+        assert result.exit_code == 2 and "not starting" in result.output, result.output
+        assert seen.pop("rx") is want, args
+
+    monkeypatch.delenv("SPLITVLM_RX_FOLD_DECODER")
+    artifacts[PCA].save(tmp_path / "pca")
+    base = ["eval", "--no-unsplit", "--images", "1", "--codec", PCA]
+    base += ["--codec-artifact", str(tmp_path / "pca")]
+    for args, want in [(["--fold-decoder"], True), (["--no-fold-decoder"], False), ([], False)]:
+        result = runner.invoke(app, [*base, *args])
+        assert result.exit_code == 0, result.output
+        kwargs = seen.pop("eval")
+        assert kwargs["fold_decoder"] is want, args
+        assert list(kwargs["artifacts"]) == [artifacts[PCA].spec]
+
+
+def test_evaluate_split_folds_and_answers_alike(
+    artifacts: dict[str, CalibrationArtifact], model_dir: Path
+) -> None:
+    from shared.reference.evaluate import evaluate_split, heldout_items
+
+    items = heldout_items(n_images=3, per_image=2)
+    art = artifacts[SPARSE]
+    results = {
+        fold_decoder: evaluate_split(
+            model_dir, items, SPARSE, fold_decoder=fold_decoder, artifacts={art.spec: art}
+        )
+        for fold_decoder in (False, True)
+    }
+    assert results[True].name == f"{SPARSE} (folded)" and results[False].name == SPARSE
+    assert results[True].answers == results[False].answers
+    assert results[True].payload_bytes == results[False].payload_bytes
+    # A codec that cannot be folded runs the normal decode even when asked to fold.
+    assert evaluate_split(model_dir, items[:2], "int8", fold_decoder=True).name == "int8"

@@ -13,11 +13,11 @@ from transformers import LlavaForConditionalGeneration
 from shared.models.registry import resolve_model
 from shared.reference.evaluate import evaluate_split, evaluate_unsplit, heldout_items
 from shared.reference.model import TOKENS_PER_IMAGE, new_reference_model, save_reference_model
-from shared.reference.scenes import make_scene
+from shared.reference.scenes import COLORS, SHAPES, make_scene, object_coverage
 from shared.reference.train import (
     IGNORE,
     Batcher,
-    PatchLabels,
+    SceneGrid,
     TrainConfig,
     evidence,
     forward_loss,
@@ -48,7 +48,7 @@ def test_prefix_shared_training_loss_equals_full_sequence_loss() -> None:
     ids, labels, mask = batcher.suffixes(qas)
     prefix = torch.tensor(batcher.prefix_ids).expand(len(qas), -1)
     with torch.no_grad():
-        loss, _, _, _ = forward_loss(model, batcher, pixels, ids, labels, mask, index)
+        loss, _, _ = forward_loss(model, batcher, pixels, ids, labels, mask, index)
         full = model(
             input_ids=torch.cat([prefix, ids], 1),
             pixel_values=pixels[index],
@@ -58,43 +58,78 @@ def test_prefix_shared_training_loss_equals_full_sequence_loss() -> None:
     assert math.isclose(float(loss), float(full.loss), rel_tol=1e-5)
 
 
-def test_question_first_training_loss_equals_the_model_forward_loss() -> None:
-    model, processor = new_reference_model(seed=4, question_first=True)
-    model.eval()
-    batcher = Batcher(processor, int(model.config.image_token_index), int(model.config.image_seq_length))
-    assert not batcher.shared_prefix
-    scenes = [make_scene(seed) for seed in (5, 6)]
-    qas = [qa for s in scenes for qa in s.qas]
-    index = torch.tensor([i for i, s in enumerate(scenes) for _ in s.qas])
-    pixels = batcher.pixels([s.image for s in scenes])
-    ids, labels, mask = batcher.full(qas)
-    with torch.no_grad():
-        loss, _, _, _ = forward_loss(model, batcher, pixels, ids, labels, mask, index)
-        full = model(input_ids=ids, pixel_values=pixels[index], attention_mask=mask, labels=labels)
-    assert math.isclose(float(loss), float(full.loss), rel_tol=1e-5)
+def test_object_coverage_is_a_share_of_each_cell_and_fits_the_shape_area() -> None:
+    for seed in range(8):
+        scene = make_scene(seed)
+        cover = object_coverage(scene.objects, 128, 16)
+        assert cover.shape == (len(scene.objects), 256)
+        assert float(cover.min()) >= 0.0 and float(cover.max()) <= 1.0
+        for k, obj in enumerate(scene.objects):
+            area = float(cover[k].sum()) * 64  # cells of 8x8 px
+            if obj.shape == "circle":
+                assert math.isclose(area, math.pi * obj.radius**2, rel_tol=0.15)
+            assert area > 0.2 * math.pi * obj.radius**2  # every shape fills a fair share of its circle
+
+
+def test_patch_targets_label_each_object_and_its_centre() -> None:
+    grid = SceneGrid(128, 16)
+    scenes = [make_scene(seed) for seed in range(10)]
+    t = grid.targets(scenes)
+    for i, scene in enumerate(scenes):
+        assert int(t.centres[i].sum()) == len(scene.objects)
+        for k, obj in enumerate(scene.objects):
+            centre = grid.centre(scene, k)
+            assert t.centres[i, centre] == 1.0
+            owned = grid.owners(scene) == k
+            assert bool(owned.any())  # even a small object owns at least one patch
+            assert bool((t.colors[i, owned] == COLORS.index(obj.color) + 1).all())
+            assert bool((t.shapes[i, owned] == SHAPES.index(obj.shape) + 1).all())
+            assert torch.allclose(t.where[i, owned], torch.tensor([obj.cx / 128, obj.cy / 128]))
+        assert bool((t.colors[i] > 0).sum() < 256 // 2)  # background dominates
 
 
 def test_grounding_targets_cover_the_named_objects() -> None:
-    labels = PatchLabels(grid=16, patch=8)
+    grid = SceneGrid(128, 16)
     for seed in range(20):
         scene = make_scene(seed)
-        targets = grounding_targets(labels, [scene])
-        masks = labels.object_masks(scene)
-        for row, qa in zip(targets, scene.qas, strict=True):
+        targets, sink = grounding_targets(grid, [scene])
+        owner = grid.owners(scene)
+        for row, may_sink, qa in zip(targets, sink, scene.qas, strict=True):
             picked = evidence(scene, qa)
+            assert bool(may_sink) == (qa.qtype in ("count", "presence"))
+            if qa.qtype == "count":  # one patch per counted object: its centre
+                assert sorted(row.nonzero().flatten().tolist()) == sorted(
+                    grid.centre(scene, k) for k in picked
+                )
+                continue
             assert bool(row.any()) == bool(picked)
             for k in picked:
-                assert bool((row | ~masks[k]).all())  # every patch of an evidence object is a target
+                assert bool((row | (owner != k)).all())  # every patch of an evidence object is a target
                 obj = scene.objects[k]
-                named = (obj.color in qa.question) or (obj.shape in qa.question)
-                assert named or qa.question == "how many objects are there?"
+                assert obj.color in qa.question or obj.shape in qa.question
 
 
 def test_training_smoke_run_saves_a_loadable_checkpoint(tmp_path: Path) -> None:
-    cfg = TrainConfig(steps=2, images_per_step=2, questions_per_image=2, warmup=1, log_every=1)
+    cfg = TrainConfig(
+        vision_steps=2,
+        vision_images_per_step=2,
+        steps=2,
+        images_per_step=2,
+        questions_per_image=2,
+        warmup=1,
+        log_every=1,
+    )
     model, processor = train(cfg, log_path=tmp_path / "log.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert [(r["stage"], r["step"]) for r in rows] == [
+        ("vision", 1),
+        ("vision", 2),
+        ("language", 1),
+        ("language", 2),
+    ]
+    assert all(math.isfinite(r["patch_loss"]) for r in rows[:2])
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["ground_loss"]) for r in rows[2:])
+    assert all(p.requires_grad for p in model.parameters())  # stage 2's freeze is undone
     out = save_reference_model(model, processor, tmp_path / "ckpt", card="# test", meta={"notice": ""})
     loaded = LlavaForConditionalGeneration.from_pretrained(out)
     assert loaded.config.image_seq_length == TOKENS_PER_IMAGE

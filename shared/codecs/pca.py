@@ -9,9 +9,10 @@
 Principal component analysis (Pearson, 1901; Hotelling, 1933) as a transform
 codec: the Karhunen-Loève transform, optimal in mean squared error among linear
 projections to k dimensions. The decoder is a pure affine map, exposed as
-`linear_decoder()`, so it can be folded into a following ``nn.Linear``
-(``W' = W_lin W``-style) instead of being run separately. With ``k = D`` the
-transform is orthonormal and reconstruction is exact up to float rounding.
+`linear_decoder()` with the dense coefficients as `compact()`, so it can be
+folded into a following ``nn.Linear`` (`shared.codecs.fold`) instead of being
+run separately. With ``k = D`` the transform is orthonormal and reconstruction
+is exact up to float rounding.
 
 Later stages see a ``[T, k]`` field (e.g. ``pca:k=16|int8|zstd`` quantizes the
 16-dim coefficients per token).
@@ -26,6 +27,7 @@ import torch
 
 from shared.codecs.base import CodecContext, Fields, FieldSpec, Layout, Param, TensorStage, register_stage
 from shared.codecs.calibration import CalibratedStage, get_tensor
+from shared.codecs.fold import CompactCode
 from shared.errors import CodecError
 
 
@@ -83,8 +85,11 @@ class Pca(CalibratedStage, TensorStage):
         z = (fields["x"].float() - self._mean) @ self._basis.T
         return {"x": z.contiguous()}
 
-    def decode(self, fields: Fields, ctx: CodecContext) -> Fields:
+    def compact(self, fields: Fields, ctx: CodecContext) -> CompactCode:
+        """The dense coefficients z [T, k] that `decode` maps through `linear_decoder()`."""
         self._check_dim(ctx)
-        w, b = self._basis, self._mean
-        x = torch.addmm(b, fields["x"].float(), w)
+        return CompactCode(fields["x"].float())
+
+    def decode(self, fields: Fields, ctx: CodecContext) -> Fields:
+        x = self.compact(fields, ctx).apply(self._basis, self._mean)
         return {"x": x.to(ctx.dtype)}

@@ -48,6 +48,7 @@ from shared.codecs.base import (
     dtype_name,
 )
 from shared.codecs.calibration import ArtifactLike, attach_artifact
+from shared.codecs.fold import CompactCode
 from shared.codecs.reduce import TokenReducer
 from shared.codecs.serialize import max_packed_size, pack, unpack
 from shared.errors import CodecError, PacketTooLargeError
@@ -284,13 +285,15 @@ class Codec:
         return x.to(ctx.dtype)
 
     def linear_decoder(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(W [k, D], b [D]) when decode ends in an affine map x = z W + b (``pca`` first), else None.
+        """(W [n, D], b [D]) when decode ends in a linear map x = code·W + b, else None.
 
-        Lets the Rx fold that map into the connector's first Linear (`shared.codecs.fold`).
+        The first tensor stage must expose it (``pca``: basis and mean; ``sparse``: dictionary and
+        mean) together with ``compact()``, and no token reducer may run. Lets the Rx fold the map
+        into the connector's first Linear (`shared.codecs.fold`).
         """
         first = self.tensor_stages[0] if self.tensor_stages else None
         method = getattr(first, "linear_decoder", None)
-        if method is None or self.token_reducers:
+        if method is None or not hasattr(first, "compact") or self.token_reducers:
             return None
         w, b = method()
         return torch.as_tensor(w), torch.as_tensor(b)
@@ -302,9 +305,11 @@ class Codec:
         dtype: torch.dtype = torch.float32,
         *,
         max_decoded_bytes: int = MAX_DECODED_BYTES,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """`decode` without its final affine map: (z float32 [tokens, k], (W, b)), x = z W + b.
+    ) -> tuple[CompactCode, tuple[torch.Tensor, torch.Tensor]]:
+        """`decode` without its final linear map: (code, (W, b)) with x = code.apply(W, b).
 
+        Byte stages and quantizers are undone; the code is the first stage's dequantized
+        coefficients (``pca``: dense [tokens, k]; ``sparse``: [tokens, k] plus atom indices).
         Same checks as `decode`; CodecError when `linear_decoder()` is None.
         """
         ctx = _check_declared(shape, dtype)
@@ -312,11 +317,10 @@ class Codec:
         if decoder is None:
             raise CodecError(f"codec {self.spec!r} does not end its decode in a linear map")
         fields = self._decode_fields(payload, ctx, max_decoded_bytes, skip_first=True)
-        z = fields["x"].float()
-        FieldSpec((ctx.tokens, int(decoder[0].shape[0])), FLOAT_DTYPES).check("x", z.dtype, tuple(z.shape))
-        if not bool(torch.isfinite(z).all()):
-            raise CodecError("corrupt payload: decoded coefficients contain NaN or Inf")
-        return z, decoder
+        first = self.tensor_stages[0]
+        code: CompactCode = first.compact({k: fields[k] for k in first.outputs}, ctx)  # type: ignore[attr-defined]
+        code.check(ctx.tokens, int(decoder[0].shape[0]))
+        return code, decoder
 
     def _decode_fields(
         self,

@@ -12,6 +12,11 @@ coding", ICML 2009) with orthogonal matching pursuit (Pati et al., 1993) as
 the sparse coder, both from scikit-learn. The coefficients travel as ``x`` so a
 following quantizer applies to them (``sparse:atoms=256,k=8|int8|zstd``); the
 indices are checked against the dictionary size before use.
+
+The decoder is linear in the coefficients: `linear_decoder()` is (A, μ) and
+`compact()` the sparse code (coefficients + indices), so the Rx can fold A into
+the projector's first Linear and gather k folded atoms per token
+(`shared.codecs.fold`), never building the [T, D] features.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from shared.codecs.base import CodecContext, Fields, FieldSpec, Layout, Param, TensorStage, register_stage
 from shared.codecs.calibration import CalibratedStage, get_tensor
+from shared.codecs.fold import CompactCode
 from shared.errors import CodecError
 
 _FIT_ITERATIONS = 60
@@ -119,11 +125,25 @@ class Sparse(CalibratedStage, TensorStage):
             "idx": torch.from_numpy(idx.astype(np.int16)).contiguous(),
         }
 
-    def decode(self, fields: Fields, ctx: CodecContext) -> Fields:
+    def linear_decoder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [atoms, D], μ [D]) with decode = Σ_j x[t, j] · A[idx[t, j]] + μ, for folding."""
+        self.require_calibrated()
+        return self._dict.clone(), self._mean.clone()
+
+    def compact(self, fields: Fields, ctx: CodecContext) -> CompactCode:
+        """The sparse code (coefficients [T, k], checked atom indices [T, k]) `decode` applies."""
         self._check_dim(ctx)
         idx = fields["idx"].long()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.atoms):
             raise CodecError(f"corrupt payload: sparse atom indices must lie in [0, {self.atoms})")
         coef = fields["x"].float()
-        x = torch.einsum("tk,tkd->td", coef, self._dict[idx]) + self._mean
+        if coef.shape != idx.shape:
+            raise CodecError(
+                f"corrupt payload: sparse coefficients {tuple(coef.shape)} and indices "
+                f"{tuple(idx.shape)} differ in shape"
+            )
+        return CompactCode(coef, idx)
+
+    def decode(self, fields: Fields, ctx: CodecContext) -> Fields:
+        x = self.compact(fields, ctx).apply(self._dict, self._mean)
         return {"x": x.to(ctx.dtype)}

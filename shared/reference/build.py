@@ -77,15 +77,28 @@ real, trained weights while model hubs are out of reach. It knows nothing else.
 ## Training
 
 ```bash
-splitvlm train-reference --out shared/models/reference-llava --steps {cfg.steps} --seed {cfg.seed}
+splitvlm train-reference --out shared/models/reference-llava \\
+    --vision-steps {cfg.vision_steps} --steps {cfg.steps} --seed {cfg.seed}
 ```
 
-{cfg.steps} steps × {cfg.images_per_step} images × {cfg.questions_per_image} questions, freshly generated
-scenes every step (seeds {cfg.seed * 1_000_000} upwards; the held-out seeds start at 10,000,000 and are
-never drawn), AdamW lr {cfg.lr} (cosine to {cfg.min_lr}, {cfg.warmup} warm-up steps), weight decay
+Two stages (`shared/reference/train.py`), on freshly generated scenes every step (seeds
+{cfg.seed * 1_000_000} upwards; the held-out seeds start at 10,000,000 and are never drawn):
+
+1. **Vision tower**, {cfg.vision_steps} steps × {cfg.vision_images_per_step} images, AdamW lr {cfg.vision_lr}:
+   a linear probe on every patch feature must name the colour and shape of the object covering
+   the patch, flag the patch holding an object's centre, and give that object's position
+   (deep supervision from the scenes' ground truth; the probe is discarded). Position embeddings
+   start as 2-D sine-cosine tables.
+2. **Projector + language model**, vision tower frozen, {cfg.steps} steps × {cfg.images_per_step} images ×
+   {cfg.questions_per_image} questions, AdamW lr {cfg.lr}: cross-entropy on the answer tokens plus a
+   grounding loss that rewards the last layer's attention (from the answer position) on the
+   patches of the objects the question names.
+
+Cosine schedules to {cfg.min_lr_ratio:g}× the peak after {cfg.warmup} warm-up steps, weight decay
 {cfg.weight_decay}. Trained in {train_seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads
 ({platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}).
-The loss/accuracy log is `train_log.jsonl`.
+Training is deterministic for a given seed on a given machine. The loss/accuracy log is
+`train_log.jsonl`.
 
 ## Held-out accuracy (unsplit, exact match)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import string
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 from rich.progress import Progress
 
-from shared.codecs import build_codec
+from shared.codecs.calibrate import build_codec_with
+from shared.codecs.calibration import CalibrationArtifact
+from shared.codecs.fold import FoldCache
 from shared.codecs.rate import RateController, RateTarget, usable_ladder
 from shared.reference.scenes import QA, QTYPES, Scene, heldout_set
 from shared.split import (
@@ -156,10 +158,21 @@ def evaluate_split(
     codec_spec: str,
     split_point: SplitPoint = SplitPoint.AFTER_VISION_TOWER,
     progress: Progress | None = None,
+    *,
+    fold_decoder: bool = False,
+    artifacts: Mapping[str, CalibrationArtifact] | None = None,
 ) -> EvalResult:
-    codec = build_codec(codec_spec)
+    """Split through `codec_spec` (calibrated stages take their fitted state from `artifacts`).
+
+    With `fold_decoder`, a linear codec decoder (pca, sparse) is folded into the projector's
+    first Linear as the Rx does (`shared.codecs.fold`); other codecs decode normally. The
+    result is named ``SPEC (folded)`` when folding ran.
+    """
+    codec = build_codec_with(codec_spec, dict(artifacts or {}))
     tx, rx = load_tx_half(folder, split_point), load_rx_half(folder, split_point)
     check_codec_support(codec, rx.codec_support, type(rx).__name__, token_scores=tx.token_scores)
+    leading = rx.leading_linear() if fold_decoder and rx.codec_support.fold_linear else None
+    folded = FoldCache(leading).get(codec) if leading is not None else None
     answers = [""] * len(items)
     payloads: list[int] = []
     feature_bytes = 0
@@ -174,14 +187,22 @@ def evaluate_split(
         shape, features = features_for_codec(codec, features)  # token reducers send fewer tokens
         payload = codec.encode(feats, scores=features.scores)
         payloads.append(len(payload))
-        decoded = VisionFeatures(codec.decode(payload, shape=shape, dtype=feats.dtype), dict(features.meta))
+        if folded is not None:
+            code, _ = codec.decode_compact(payload, shape=shape, dtype=feats.dtype)
+            with torch.inference_mode():
+                h = folded(code)
+            decoded = VisionFeatures(h, dict(features.meta), pre_projected=True)
+        else:
+            decoded = VisionFeatures(
+                codec.decode(payload, shape=shape, dtype=feats.dtype), dict(features.meta)
+            )
         for i, qa in group:
             ids = rx.generate(qa.question, decoded, ANSWER_OPTIONS)
             answers[i] = normalize(rx.decode_tokens(ids))
             if progress and task is not None:
                 progress.advance(task)
     return EvalResult(
-        name=codec.name,
+        name=f"{codec.name} (folded)" if folded is not None else codec.name,
         qtypes=[qa.qtype for _, qa in items],
         expected=[qa.answer for _, qa in items],
         answers=answers,

@@ -42,27 +42,6 @@ VISION_LAYERS = 4
 TEXT_HIDDEN = 192
 TEXT_LAYERS = 3
 
-# "USER: {question}\n<image> ASSISTANT:": the question comes BEFORE the image. With causal
-# attention every visual token can then read the question, so "is this patch relevant, and
-# what does it say" is computed locally per token and the answer position only has to pool:
-# a far easier function to learn from scratch than looking up the right patches from after
-# the image (which is what the LLaVA-1.5 order, image first, asks of the model).
-QUESTION_FIRST_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: "
-    "{% else %}{{ message['role'] | upper }}: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'text' %}{{ item['text'] }}\n{% endif %}"
-    "{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% endif %}{% endfor %}"
-    "{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% else %} {% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
 # Words of the chat template, so that the prompt is whole-word tokens.
 _TEMPLATE_WORDS = ("user", "assistant")
 
@@ -115,7 +94,7 @@ def reference_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
     )
 
 
-def reference_processor(tokenizer: PreTrainedTokenizerFast, question_first: bool = False) -> LlavaProcessor:
+def reference_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -126,14 +105,12 @@ def reference_processor(tokenizer: PreTrainedTokenizerFast, question_first: bool
         patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=QUESTION_FIRST_TEMPLATE if question_first else CHAT_TEMPLATE,
+        chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN,
     )
 
 
-def new_reference_model(
-    seed: int, question_first: bool = False
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def new_reference_model(seed: int) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     tokenizer = reference_tokenizer()
     config = reference_config(tokenizer)
     torch.manual_seed(seed)
@@ -145,7 +122,7 @@ def new_reference_model(
         do_sample=False,
         max_new_tokens=4,
     )
-    return model, reference_processor(tokenizer, question_first)
+    return model, reference_processor(tokenizer)
 
 
 def save_reference_model(

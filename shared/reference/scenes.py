@@ -299,10 +299,15 @@ _TRIANGLE = _unit_polygon([1.0] * 3)
 _STAR = _unit_polygon([1.0, 0.5] * 5)  # inner radius 0.5: chunky enough to stay a star when small
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, factor: int) -> None:
-    """Draw obj on a canvas `factor` times the scene size; every shape stays inside its radius."""
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, factor: int, mask: bool = False) -> None:
+    """Draw obj on a canvas `factor` times the scene size; every shape stays inside its radius.
+
+    mask=True draws it in white (255) on a one-channel canvas, outline included: its footprint.
+    """
     cx, cy, r = round(obj.cx * factor), round(obj.cy * factor), round(obj.radius * factor)
-    fill, outline, width = COLOR_RGB[obj.color], OUTLINE_RGB[obj.color], _OUTLINE_WIDTH
+    fill: tuple[int, int, int] | int = 255 if mask else COLOR_RGB[obj.color]
+    outline: tuple[int, int, int] | int = 255 if mask else OUTLINE_RGB[obj.color]
+    width = _OUTLINE_WIDTH
     if obj.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r - 1, cy + r - 1), fill=fill, outline=outline, width=width)
     elif obj.shape == "square":
@@ -328,6 +333,22 @@ def render(background: Image.Image, objects: Sequence[SceneObject]) -> Image.Ima
     for obj in objects:
         _draw_object(draw, obj, _SUPERSAMPLE)
     return canvas.reduce(_SUPERSAMPLE)
+
+
+def object_coverage(objects: Sequence[SceneObject], size: int, grid: int) -> np.ndarray:
+    """``[objects, grid*grid]`` float32: the fraction of each grid cell that each object covers.
+
+    Rendered with the same geometry as the image (at the same supersampling), so a patch label
+    derived from it is exact, not a circle approximation of a star.
+    """
+    cell = size * _SUPERSAMPLE // grid
+    out = np.zeros((len(objects), grid * grid), np.float32)
+    for k, obj in enumerate(objects):
+        canvas = Image.new("L", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), 0)
+        _draw_object(ImageDraw.Draw(canvas), obj, _SUPERSAMPLE, mask=True)
+        cells = np.asarray(canvas, np.float32).reshape(grid, cell, grid, cell).mean(axis=(1, 3))
+        out[k] = cells.reshape(-1) / 255.0
+    return out
 
 
 # --------------------------------------------------------------------------------------------- questions

@@ -1,29 +1,39 @@
-"""Train the reference VLM from scratch on synthetic scenes (CPU, minutes).
+"""Train the reference VLM from scratch on synthetic scenes (CPU, minutes), in two stages.
 
-    scenes (seeded, on the fly) ─► processor ─► CLIP ViT ─► projector ─┐
-                                                                      ├─► Llama ─► answer + </s>
-    "USER: <image>×256\\n{question} ASSISTANT:" ─► embeddings ─────────┘
-                                                   loss on the answer tokens only
+    stage 1 (vision):   scenes ─► processor ─► CLIP ViT ─► per-patch probe ─► colour, shape,
+                                                                            object centre, where
+    stage 2 (language): scenes ─► processor ─► CLIP ViT (frozen) ─► projector ─┐
+                                                                               ├─► Llama ─► answer
+                        "USER: <image>×256\\n{question} ASSISTANT:" ─► embed ───┘
 
-Each image is encoded once and shared by all its questions (the vision tower is
-the expensive part on CPU). Every step draws fresh scenes from the training seed
-range, so there is no epoch and no overfitting to a fixed set; the held-out
-seeds (`scenes.heldout_seeds`) are never drawn.
+Why two stages: trained end to end from the answer loss alone, the language model first learns
+answer priors and the vision tower gets almost no useful gradient for thousands of steps (we
+measured ~54 % after 15 minutes). Dense per-patch targets computed from the scene's ground truth
+(deep supervision; Lee et al., "Deeply-Supervised Nets", 2015) teach the tower colour and shape
+in a few minutes; the language model then learns to look things up in features that already
+say what is where. The probe is dropped after stage 1: the saved model is a plain LLaVA.
+
+Each image is encoded once and its prefix KV cache is shared by all its questions. Every step
+draws fresh scenes from the training seed range, so there is no epoch and no overfitting to a
+fixed set; the held-out seeds (`scenes.heldout_seeds`) are never drawn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, Any
 
 import torch
 from PIL import Image
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import DynamicCache, LlavaForConditionalGeneration, LlavaProcessor
+from torch.nn import functional as F
+from transformers import CLIPVisionModel, DynamicCache, LlavaForConditionalGeneration, LlavaProcessor
 
 from shared.models.tokenizer import EOS_TOKEN
 from shared.reference.model import new_reference_model, token_id
@@ -35,6 +45,7 @@ from shared.reference.scenes import (
     SHAPES,
     Scene,
     make_scene,
+    object_coverage,
     tokenize,
     training_seeds,
 )
@@ -45,22 +56,24 @@ IGNORE = -100
 
 @dataclass
 class TrainConfig:
+    # Stage 1: the vision tower against per-patch targets.
+    vision_steps: int = 2400
+    vision_images_per_step: int = 16
+    vision_lr: float = 2e-3
+    object_weight: float = 4.0  # object patches are ~10 % of all; weight them up
+    # Stage 2: projector + language model, vision tower frozen.
     steps: int = 2400
-    images_per_step: int = 16
+    images_per_step: int = 8
     questions_per_image: int = 6
-    lr: float = 2e-3
-    min_lr: float = 1e-4
+    lr: float = 1e-3
+    ground_weight: float = 1.0  # see `grounding_targets`
+    # Both stages.
+    min_lr_ratio: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.05
     seed: int = 0
     threads: int = 0  # 0: torch's default
     log_every: int = 50
-    # Weight of the auxiliary per-patch loss (see `PatchLabels`); the head is dropped after training.
-    aux_weight: float = 1.0
-    # Weight of the grounding loss on the last layer's attention (see `grounding_targets`).
-    ground_weight: float = 1.0
-    # Chat template with the question before the image (see `model.QUESTION_FIRST_TEMPLATE`).
-    question_first: bool = False
 
 
 def prompt_text(processor: LlavaProcessor, question: str) -> str:
@@ -82,26 +95,23 @@ class Batcher:
         self.image_token_id = image_token_id
         self.eos_id = token_id(self.tokenizer, EOS_TOKEN)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        sample = self.full_prompt_ids("is there a red circle?", tokens_per_image)
+        self.tokens_per_image = tokens_per_image
+        sample = self.full_prompt_ids("is there a red circle?")
         last_image = max(i for i, t in enumerate(sample) if t == image_token_id)
         self.prefix_ids = sample[: last_image + 1]
-        # Image first (LLaVA-1.5 order): the prefix is shared by all questions of an image.
-        other = self.full_prompt_ids("how many objects are there?", tokens_per_image)
-        self.shared_prefix = other[: last_image + 1] == self.prefix_ids
         self._suffix_cache: dict[str, list[int]] = {}
-        self.tokens_per_image = tokens_per_image
 
-    def full_prompt_ids(self, question: str, tokens_per_image: int) -> list[int]:
+    def full_prompt_ids(self, question: str) -> list[int]:
         text = prompt_text(self.processor, question)
         ids: list[int] = []
         for t in self.tokenizer(text, add_special_tokens=True)["input_ids"]:
-            ids.extend([t] * tokens_per_image if t == self.image_token_id else [t])
+            ids.extend([t] * self.tokens_per_image if t == self.image_token_id else [t])
         return ids
 
     def suffix_ids(self, question: str) -> list[int]:
         ids = self._suffix_cache.get(question)
         if ids is None:
-            full = self.full_prompt_ids(question, self.tokens_per_image)
+            full = self.full_prompt_ids(question)
             if full[: len(self.prefix_ids)] != self.prefix_ids:
                 raise ValueError(
                     f"the chat template does not start with the shared image prefix: {question!r}"
@@ -110,24 +120,12 @@ class Batcher:
             self._suffix_cache[question] = ids
         return ids
 
-    def full(self, qas: list[QA]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Whole sequences (prompt with image tokens + answer), right-padded."""
-        rows = [
-            (self.full_prompt_ids(qa.question, self.tokens_per_image), self.answer_ids(qa.answer))
-            for qa in qas
-        ]
-        return self._pad(rows)
-
     def answer_ids(self, answer: str) -> list[int]:
         return [*self.tokenizer(answer, add_special_tokens=False)["input_ids"], self.eos_id]
 
     def suffixes(self, qas: list[QA]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Question + answer tokens per QA, right-padded; labels mark the answer tokens."""
-        return self._pad([(self.suffix_ids(qa.question), self.answer_ids(qa.answer)) for qa in qas])
-
-    def _pad(
-        self, rows: list[tuple[list[int], list[int]]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = [(self.suffix_ids(qa.question), self.answer_ids(qa.answer)) for qa in qas]
         width = max(len(q) + len(a) for q, a in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -143,43 +141,117 @@ class Batcher:
         return self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-class PatchLabels:
-    """Per-patch targets for deep supervision of the vision tower: which colour and shape covers each patch.
+@dataclass
+class PatchTargets:
+    """Per-patch ground truth of a batch of scenes, for the stage-1 probe.
 
-    Trained from scratch, the LLM first learns answer priors and only slowly starts reading
-    the image: for hundreds of steps the vision tower gets almost no useful gradient. A linear
-    probe on its output that must name the colour and shape under every patch gives it a
-    direct signal from the first step (deep supervision; cf. Lee et al., "Deeply-Supervised
-    Nets", 2015). The probe is discarded after training; the saved model is a plain LLaVA.
+    colors/shapes: ``[images, patches]`` class of the object covering the patch (0 = background);
+    centres: ``[images, patches]`` 1.0 on the patch holding an object's centre;
+    where: ``[images, patches, 2]`` that object's centre (x, y) in [0, 1], valid where colors > 0.
     """
 
-    # Fraction of the enclosing radius that is inside each shape; a patch counts when its
-    # centre is within that radius plus half a patch (so a 2x2-patch object labels 4 patches).
-    INSIDE: ClassVar[dict[str, float]] = {"circle": 0.85, "square": 0.7, "triangle": 0.45, "star": 0.4}
+    colors: torch.Tensor
+    shapes: torch.Tensor
+    centres: torch.Tensor
+    where: torch.Tensor
 
-    def __init__(self, grid: int, patch: int) -> None:
-        self.half_patch = patch / 2
-        centres = (torch.arange(grid, dtype=torch.float32) + 0.5) * patch
-        self.ys, self.xs = torch.meshgrid(centres, centres, indexing="ij")
 
-    def object_masks(self, scene: Scene) -> torch.Tensor:
-        """``[objects, patches]``: which patches each object covers."""
-        masks = torch.zeros((len(scene.objects), self.xs.numel()), dtype=torch.bool)
-        for k, obj in enumerate(scene.objects):
-            reach = obj.radius * self.INSIDE[obj.shape] + self.half_patch
-            masks[k] = ((self.xs - obj.cx) ** 2 + (self.ys - obj.cy) ** 2 <= reach**2).flatten()
-        return masks
+class SceneGrid:
+    """Which object covers each patch of a scene (exact coverage from the renderer's geometry)."""
 
-    def __call__(self, scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
-        colors = torch.zeros((len(scenes), *self.xs.shape), dtype=torch.long)  # 0 = background
+    COVERED = 0.25  # a patch belongs to the object covering the largest share of it, if ≥ this
+
+    def __init__(self, size: int, grid: int) -> None:
+        self.size, self.grid = size, grid
+
+    def owners(self, scene: Scene) -> torch.Tensor:
+        """``[patches]`` index of the object owning each patch, -1 for background."""
+        if not scene.objects:
+            return torch.full((self.grid * self.grid,), -1, dtype=torch.long)
+        share, owner = torch.from_numpy(object_coverage(scene.objects, self.size, self.grid)).max(0)
+        return torch.where(share >= self.COVERED, owner, -1)
+
+    def centre(self, scene: Scene, k: int) -> int:
+        obj, cell = scene.objects[k], self.size / self.grid
+        col = min(self.grid - 1, int(obj.cx // cell))
+        row = min(self.grid - 1, int(obj.cy // cell))
+        return row * self.grid + col
+
+    def targets(self, scenes: list[Scene]) -> PatchTargets:
+        patches = self.grid * self.grid
+        colors = torch.zeros((len(scenes), patches), dtype=torch.long)
         shapes = torch.zeros_like(colors)
+        centres = torch.zeros((len(scenes), patches))
+        where = torch.zeros((len(scenes), patches, 2))
         for i, scene in enumerate(scenes):
-            for obj in scene.objects:
-                reach = obj.radius * self.INSIDE[obj.shape] + self.half_patch
-                inside = (self.xs - obj.cx) ** 2 + (self.ys - obj.cy) ** 2 <= reach**2
-                colors[i][inside] = COLORS.index(obj.color) + 1
-                shapes[i][inside] = SHAPES.index(obj.shape) + 1
-        return colors.flatten(1), shapes.flatten(1)
+            owner = self.owners(scene)
+            for k, obj in enumerate(scene.objects):
+                on = owner == k
+                colors[i, on] = COLORS.index(obj.color) + 1
+                shapes[i, on] = SHAPES.index(obj.shape) + 1
+                where[i, on] = torch.tensor([obj.cx / self.size, obj.cy / self.size])
+                centres[i, self.centre(scene, k)] = 1.0
+        return PatchTargets(colors, shapes, centres, where)
+
+
+class PatchProbe(torch.nn.Module):
+    """Linear read-out of colour, shape, centre-ness and object position from each patch feature."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, len(COLORS) + 1 + len(SHAPES) + 1 + 1 + 2)
+
+    def loss(
+        self, patches: torch.Tensor, t: PatchTargets, object_weight: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        colors, shapes, centre, where = self.head(patches).split([len(COLORS) + 1, len(SHAPES) + 1, 1, 2], -1)
+        on = t.colors > 0
+        weight = 1.0 + object_weight * on.float()
+
+        def weighted_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            per_patch = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+            return (per_patch * weight.flatten()).sum() / weight.sum()
+
+        loss = weighted_ce(colors, t.colors) + weighted_ce(shapes, t.shapes)
+        # One centre per object among 256 patches: weight the positives up to balance.
+        loss = loss + F.binary_cross_entropy_with_logits(
+            centre.squeeze(-1), t.centres, pos_weight=torch.tensor(float(t.centres.shape[1]) / 8)
+        )
+        if bool(on.any()):
+            loss = loss + 10.0 * F.mse_loss(where[on].sigmoid(), t.where[on])
+        with torch.no_grad():
+            n_on = max(1, int(on.sum()))
+            stats = {
+                "color_acc": float((colors.argmax(-1) == t.colors)[on].sum()) / n_on,
+                "shape_acc": float((shapes.argmax(-1) == t.shapes)[on].sum()) / n_on,
+            }
+        return loss, stats
+
+
+def init_position_embedding(tower: CLIPVisionModel) -> None:
+    """2-D sine-cosine initial position embeddings (as in MAE; He et al., 2022).
+
+    A ViT trained from scratch starts with random position embeddings, so its attention is
+    unaware of neighbourhoods and shape (a non-local property of several patches) is learned
+    slowly. Sine-cosine rows and columns make "attend to my neighbours" a simple dot product
+    from step one (we measured 61 % vs 33 % patch shape accuracy after 600 steps). The
+    embeddings stay trainable.
+    """
+    embeddings: Any = tower.embeddings
+    table = embeddings.position_embedding.weight
+    grid = round(math.sqrt(table.shape[0] - 1))
+    dim = table.shape[1] // 4
+    omega = 1.0 / 10000 ** (torch.arange(dim, dtype=torch.float32) / dim)
+    axis = torch.arange(grid, dtype=torch.float32)
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+
+    def sincos(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos.flatten()[:, None] * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    with torch.no_grad():
+        table[0] = 0.0  # CLS
+        table[1:, : 4 * dim] = torch.cat([sincos(ys), sincos(xs)], dim=1)
 
 
 def evidence(scene: Scene, qa: QA) -> list[int]:
@@ -197,22 +269,32 @@ def evidence(scene: Scene, qa: QA) -> list[int]:
     return found
 
 
-def grounding_targets(labels: PatchLabels, scenes: list[Scene]) -> torch.Tensor:
-    """``[qas, patches]`` masks of the patches each QA's answer depends on.
+def grounding_targets(grid: SceneGrid, scenes: list[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[qas, patches]`` patches each QA's answer depends on, and ``[qas]`` "may rest on <s>".
 
-    Why: the language model has to learn to look up the right patches among 256 before
-    any answer gets better than the per-question prior, and from scratch that plateau
-    lasts thousands of steps. Telling the last layer's attention where to look (the
-    union of the evidence objects' patches) removes the plateau; the attention weights
-    themselves stay free, only their mass on the evidence is rewarded.
+    Why: the language model has to learn to look up the right patches among 256 before any
+    answer beats the per-question prior, and from scratch that plateau lasts thousands of
+    steps. Rewarding the last layer's attention mass on the evidence removes it.
+
+    Counting cannot be read from a softmax average over an object's patches (big objects
+    have more), so a count attends to the counted objects' centre patches, and it and
+    presence may also rest on the first token <s>: the share left on that "sink" is what
+    tells zero from one from two.
     """
-    rows = []
+    rows, sinks = [], []
     for scene in scenes:
-        masks = labels.object_masks(scene)
+        owner = grid.owners(scene)
         for qa in scene.qas:
             picked = evidence(scene, qa)
-            rows.append(masks[picked].any(0) if picked else torch.zeros(masks.shape[1], dtype=torch.bool))
-    return torch.stack(rows)
+            row = torch.zeros(grid.grid * grid.grid, dtype=torch.bool)
+            if qa.qtype == "count":
+                row[[grid.centre(scene, k) for k in picked]] = True
+            else:
+                for k in picked:
+                    row |= owner == k
+            rows.append(row)
+            sinks.append(qa.qtype in ("count", "presence"))
+    return torch.stack(rows), torch.tensor(sinks)
 
 
 def forward_loss(
@@ -223,177 +305,235 @@ def forward_loss(
     labels: torch.Tensor,
     mask: torch.Tensor,
     image_index: torch.Tensor,
-    probe: torch.nn.Module | None = None,
-    patch_targets: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ground: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Answer cross-entropy, patch-probe loss, grounding loss (None when not asked), exact match.
+    ground: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Answer cross-entropy, grounding loss (None when not asked), exact match per QA.
 
-    ``ids``/``labels``/``mask`` are `Batcher.suffixes` (image-first template, shared prefix)
-    or `Batcher.full` (question-first template). `ground` (``[qas, patches]`` bool) needs
-    the language model in eager attention.
+    ``ids``/``labels``/``mask`` come from `Batcher.suffixes`; `ground` (from
+    `grounding_targets`) needs the language model in eager attention.
     """
     cfg = model.config
     vision = model.model.vision_tower(pixel_values, output_hidden_states=True)
     patches = vision.hidden_states[cfg.vision_feature_layer][:, 1:]
-    aux = None
-    if probe is not None and patch_targets is not None:
-        logits_c, logits_s = probe(patches).split([len(COLORS) + 1, len(SHAPES) + 1], dim=-1)
-        aux = torch.nn.functional.cross_entropy(logits_c.flatten(0, 1), patch_targets[0].flatten())
-        aux = aux + torch.nn.functional.cross_entropy(logits_s.flatten(0, 1), patch_targets[1].flatten())
     feats = model.model.multi_modal_projector(patches)  # [images, tokens, text_hidden]
     embed = model.get_input_embeddings()
     lm = model.model.language_model
-    want_attn = ground is not None
-    if batcher.shared_prefix:
-        prefix = torch.tensor(batcher.prefix_ids).expand(feats.shape[0], -1)
-        prefix_embeds = embed(prefix).masked_scatter(
-            (prefix == batcher.image_token_id).unsqueeze(-1), feats.to(embed.weight.dtype)
-        )
-        prefix_out = lm(inputs_embeds=prefix_embeds, use_cache=True)
-        shared = DynamicCache()
-        for layer_idx, layer in enumerate(prefix_out.past_key_values.layers):
-            shared.update(layer.keys[image_index], layer.values[image_index], layer_idx)
-        p_len, s_len = prefix.shape[1], ids.shape[1]
-        attention = torch.cat([torch.ones(ids.shape[0], p_len, dtype=mask.dtype), mask], dim=1)
-        positions = torch.arange(p_len, p_len + s_len)
-        out = lm(
-            inputs_embeds=embed(ids),
-            attention_mask=attention,
-            past_key_values=shared,
-            position_ids=positions.expand(ids.shape[0], -1),
-            cache_position=positions,
-            output_attentions=want_attn,
-        )
-        image_cols = (prefix[0] == batcher.image_token_id).nonzero().squeeze(1).expand(ids.shape[0], -1)
-    else:
-        image_pos = ids == batcher.image_token_id
-        embeds = embed(ids).masked_scatter(image_pos.unsqueeze(-1), feats[image_index].to(embed.weight.dtype))
-        out = lm(inputs_embeds=embeds, attention_mask=mask, output_attentions=want_attn)
-        image_cols = image_pos.nonzero(as_tuple=True)[1].view(ids.shape[0], -1)
+    prefix = torch.tensor(batcher.prefix_ids).expand(feats.shape[0], -1)
+    prefix_embeds = embed(prefix).masked_scatter(
+        (prefix == batcher.image_token_id).unsqueeze(-1), feats.to(embed.weight.dtype)
+    )
+    prefix_out = lm(inputs_embeds=prefix_embeds, use_cache=True)
+    shared = DynamicCache()
+    for layer_idx, layer in enumerate(prefix_out.past_key_values.layers):
+        shared.update(layer.keys[image_index], layer.values[image_index], layer_idx)
+    p_len, s_len = prefix.shape[1], ids.shape[1]
+    attention = torch.cat([torch.ones(ids.shape[0], p_len, dtype=mask.dtype), mask], dim=1)
+    positions = torch.arange(p_len, p_len + s_len)
+    out = lm(
+        inputs_embeds=embed(ids),
+        attention_mask=attention,
+        past_key_values=shared,
+        position_ids=positions.expand(ids.shape[0], -1),
+        cache_position=positions,
+        output_attentions=ground is not None,
+    )
     hidden = out.last_hidden_state
     # Position t predicts token t+1; only answer positions reach lm_head.
     target = labels[:, 1:]
     pick = target != IGNORE
     logits = model.lm_head(hidden[:, :-1][pick])
-    loss = torch.nn.functional.cross_entropy(logits.float(), target[pick])
+    loss = F.cross_entropy(logits.float(), target[pick])
     right = torch.zeros_like(target, dtype=torch.bool)
     right[pick] = logits.argmax(-1) == target[pick]
     exact = (right | ~pick).all(dim=1)
     ground_loss = None
     if ground is not None:
-        # The last layer's attention from the row that predicts the first answer token,
-        # over the image positions: reward its mass on the evidence patches.
+        patches_mask, sink = ground
+        # The last layer's attention from the row that predicts the first answer token.
         answer_row = (labels != IGNORE).int().argmax(dim=1) - 1
-        last = out.attentions[-1]  # [qas, heads, queries, keys]
+        last = out.attentions[-1]  # [qas, heads, queries, keys]; keys = prefix + suffix
         rows = last[torch.arange(last.shape[0]), :, answer_row]  # [qas, heads, keys]
-        on_image = rows.gather(2, image_cols.unsqueeze(1).expand(-1, rows.shape[1], -1))
-        mass = (on_image * ground[:, None, :]).sum(-1).mean(1)
-        valid = ground.any(1)
+        image_cols = (prefix[0] == batcher.image_token_id).nonzero().squeeze(1)
+        on_image = rows[:, :, image_cols]
+        mass = (on_image * patches_mask[:, None, :]).sum(-1) + rows[:, :, 0] * sink[:, None]
+        valid = patches_mask.any(1) | sink
         if bool(valid.any()):
-            ground_loss = -torch.log(mass[valid] + 1e-6).mean()
-    return loss, aux, ground_loss, exact
+            ground_loss = -torch.log(mass.mean(1)[valid] + 1e-6).mean()
+    return loss, ground_loss, exact
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, total: int, peak: float, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to peak * min_lr_ratio."""
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return peak * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    low = peak * cfg.min_lr_ratio
+    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * progress))
+
+
+def _adamw(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig, lr: float) -> torch.optim.AdamW:
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
+
+
+class _Log:
+    """Averages of per-step numbers over log_every steps, written as JSON lines."""
+
+    def __init__(self, stream: IO[str] | None, stage: str) -> None:
+        self.stream, self.stage = stream, stage
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.per_type: dict[str, list[int]] = {}
+        self.started = time.perf_counter()
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+
+    def add_types(self, qas: list[QA], exact: torch.Tensor) -> None:
+        for qa, ok in zip(qas, exact.tolist(), strict=True):
+            counts = self.per_type.setdefault(qa.qtype, [0, 0])
+            counts[0] += int(ok)
+            counts[1] += 1
+
+    def flush(self, step: int, lr: float) -> dict[str, Any]:
+        row: dict[str, Any] = {"stage": self.stage, "step": step}
+        row.update({k: round(v / max(1, self.steps), 4) for k, v in self.sums.items()})
+        if self.per_type:
+            right = sum(r for r, _ in self.per_type.values())
+            total = sum(n for _, n in self.per_type.values())
+            row["train_acc"] = round(right / total, 4)
+            row["train_acc_by_type"] = {
+                q: round(r / n, 3)
+                for q, (r, n) in sorted(self.per_type.items(), key=lambda kv: QTYPES.index(kv[0]))
+            }
+        row["lr"] = lr
+        row["elapsed_s"] = round(time.perf_counter() - self.started, 1)
+        if self.stream:
+            self.stream.write(json.dumps(row) + "\n")
+            self.stream.flush()
+        self.sums, self.steps, self.per_type = {}, 0, {}
+        return row
+
+
+def train_vision(
+    model: LlavaForConditionalGeneration,
+    batcher: Batcher,
+    cfg: TrainConfig,
+    seeds: Iterator[int],
+    progress: Progress,
+    log: IO[str] | None,
+) -> None:
+    """Stage 1: the vision tower learns per-patch colour, shape, centres and object position."""
+    tower = model.model.vision_tower
+    vision_cfg: Any = model.config.vision_config
+    grid = SceneGrid(vision_cfg.image_size, vision_cfg.image_size // vision_cfg.patch_size)
+    init_position_embedding(tower)
+    probe = PatchProbe(vision_cfg.hidden_size)
+    named = [*tower.named_parameters(), *probe.named_parameters("probe")]
+    optim = _adamw(named, cfg, cfg.vision_lr)
+    logger = _Log(log, "vision")
+    task = progress.add_task("vision", total=cfg.vision_steps, status="")
+    tower.train()
+    for step in range(cfg.vision_steps):
+        scenes = [make_scene(next(seeds), n_questions=0) for _ in range(cfg.vision_images_per_step)]
+        lr = lr_at(step, cfg.vision_steps, cfg.vision_lr, cfg)
+        for group in optim.param_groups:
+            group["lr"] = lr
+        hidden = tower(batcher.pixels([s.image for s in scenes]), output_hidden_states=True)
+        patches = hidden.hidden_states[model.config.vision_feature_layer][:, 1:]
+        loss, stats = probe.loss(patches, grid.targets(scenes), cfg.object_weight)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optim.step()
+        logger.add({"patch_loss": float(loss.detach()), **stats})
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.vision_steps:
+            row = logger.flush(step + 1, lr)
+            progress.update(task, status=f"colour {row['color_acc']:.2f} shape {row['shape_acc']:.2f}")
+        progress.advance(task)
+
+
+def train_language(
+    model: LlavaForConditionalGeneration,
+    batcher: Batcher,
+    cfg: TrainConfig,
+    seeds: Iterator[int],
+    progress: Progress,
+    log: IO[str] | None,
+) -> None:
+    """Stage 2: projector and language model learn to answer, the vision tower frozen."""
+    tower = model.model.vision_tower
+    tower.requires_grad_(False)
+    tower.eval()
+    vision_cfg: Any = model.config.vision_config
+    grid = SceneGrid(vision_cfg.image_size, vision_cfg.image_size // vision_cfg.patch_size)
+    if cfg.ground_weight:
+        model.set_attn_implementation("eager")  # attention weights for the grounding loss
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optim = _adamw(named, cfg, cfg.lr)
+    logger = _Log(log, "language")
+    task = progress.add_task("language", total=cfg.steps, status="")
+    for step in range(cfg.steps):
+        scenes = [
+            make_scene(next(seeds), n_questions=cfg.questions_per_image) for _ in range(cfg.images_per_step)
+        ]
+        qas = [qa for s in scenes for qa in s.qas]
+        image_index = torch.tensor([i for i, s in enumerate(scenes) for _ in s.qas])
+        ids, labels, mask = batcher.suffixes(qas)
+        lr = lr_at(step, cfg.steps, cfg.lr, cfg)
+        for group in optim.param_groups:
+            group["lr"] = lr
+        ground = grounding_targets(grid, scenes) if cfg.ground_weight else None
+        pixels = batcher.pixels([s.image for s in scenes])
+        loss, ground_loss, exact = forward_loss(
+            model, batcher, pixels, ids, labels, mask, image_index, ground
+        )
+        total = loss if ground_loss is None else loss + cfg.ground_weight * ground_loss
+        optim.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optim.step()
+        logger.add(
+            {
+                "loss": float(loss.detach()),
+                "ground_loss": float(ground_loss.detach()) if ground_loss is not None else 0.0,
+            }
+        )
+        logger.add_types(qas, exact)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            row = logger.flush(step + 1, lr)
+            progress.update(task, status=f"loss {row['loss']:.3f} acc {row['train_acc']:.3f}")
+        progress.advance(task)
+    if cfg.ground_weight:
+        model.set_attn_implementation("sdpa")
+    tower.requires_grad_(True)
 
 
 def train(
     cfg: TrainConfig, log_path: Path | None = None
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """Both stages from a fresh model; returns the trained model (eval mode) and its processor."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model, processor = new_reference_model(cfg.seed, cfg.question_first)
-    model.train()
-    image_token_id = int(model.config.image_token_index)
-    batcher = Batcher(processor, image_token_id, int(model.config.image_seq_length))
-    vision_cfg: Any = model.config.vision_config
-    labels_for = PatchLabels(vision_cfg.image_size // vision_cfg.patch_size, vision_cfg.patch_size)
-    probe = torch.nn.Linear(vision_cfg.hidden_size, len(COLORS) + len(SHAPES) + 2) if cfg.aux_weight else None
-    if cfg.ground_weight:
-        model.set_attn_implementation("eager")  # attention weights for the grounding loss
-    params = [*model.named_parameters(), *(probe.named_parameters("probe") if probe else [])]
-    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
-    optim = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
+    model, processor = new_reference_model(cfg.seed)
+    batcher = Batcher(processor, int(model.config.image_token_index), int(model.config.image_seq_length))
     seeds = training_seeds(cfg.seed * 1_000_000)
-    log = open(log_path, "w") if log_path else None  # noqa: SIM115
-    started = time.perf_counter()
-    window_loss, window_aux, window_ground, window_exact, window_n = 0.0, 0.0, 0.0, 0.0, 0
-    per_type: dict[str, list[int]] = {q: [0, 0] for q in QTYPES}
     columns = (
-        TextColumn("[bold]train[/]"),
+        TextColumn("[bold]{task.description:<8}[/]"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns) as progress:
-        task = progress.add_task("train", total=cfg.steps, status="")
-        for step in range(cfg.steps):
-            scenes = [
-                make_scene(next(seeds), n_questions=cfg.questions_per_image)
-                for _ in range(cfg.images_per_step)
-            ]
-            qas = [qa for s in scenes for qa in s.qas]
-            image_index = torch.tensor([i for i, s in enumerate(scenes) for _ in s.qas])
-            pixel_values = batcher.pixels([s.image for s in scenes])
-            ids, labels, mask = batcher.suffixes(qas) if batcher.shared_prefix else batcher.full(qas)
-            for group in optim.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            targets = labels_for(scenes) if probe is not None else None
-            ground = grounding_targets(labels_for, scenes) if cfg.ground_weight else None
-            loss, aux, ground_loss, exact = forward_loss(
-                model, batcher, pixel_values, ids, labels, mask, image_index, probe, targets, ground
-            )
-            total = loss
-            if aux is not None:
-                total = total + cfg.aux_weight * aux
-            if ground_loss is not None:
-                total = total + cfg.ground_weight * ground_loss
-            optim.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-            optim.step()
-            window_loss += float(loss.detach()) * len(qas)
-            window_aux += float(aux.detach()) if aux is not None else 0.0
-            window_ground += float(ground_loss.detach()) if ground_loss is not None else 0.0
-            window_exact += float(exact.float().sum())
-            for qa, ok in zip(qas, exact.tolist(), strict=True):
-                per_type[qa.qtype][0] += int(ok)
-                per_type[qa.qtype][1] += 1
-            window_n += len(qas)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                row = {
-                    "step": step + 1,
-                    "loss": window_loss / window_n,
-                    "train_acc": window_exact / window_n,
-                    "patch_loss": window_aux / (window_n / len(qas)),
-                    "ground_loss": window_ground / (window_n / len(qas)),
-                    "train_acc_by_type": {q: round(r / n, 3) for q, (r, n) in per_type.items() if n},
-                    "lr": lr_at(step, cfg),
-                    "elapsed_s": round(time.perf_counter() - started, 1),
-                }
-                if log:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                progress.update(task, status=f"loss {row['loss']:.3f} acc {row['train_acc']:.3f}")
-                window_loss, window_aux, window_ground, window_exact, window_n = 0.0, 0.0, 0.0, 0.0, 0
-                per_type = {q: [0, 0] for q in QTYPES}
-            progress.advance(task)
-    if log:
-        log.close()
-    if cfg.ground_weight:
-        model.set_attn_implementation("sdpa")
+    with open(log_path, "w") if log_path else contextlib.nullcontext() as log, Progress(*columns) as progress:
+        model.train()
+        train_vision(model, batcher, cfg, seeds, progress, log)
+        train_language(model, batcher, cfg, seeds, progress, log)
     model.eval()
     return model, processor
 
