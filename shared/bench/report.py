@@ -50,37 +50,16 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     split = results["codecs"]
-    ax.scatter(
-        [r["payload_bytes"]["mean"] for r in split],
-        [100 * r["accuracy"] for r in split],
-        marker="o",
-        color="tab:blue",
-        label="split: feature codec",
-    )
-    for r in split:
-        ax.annotate(
-            r["spec"],
-            (r["payload_bytes"]["mean"], 100 * r["accuracy"]),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
     images = [r for r in results["image_baselines"] if r["name"] != "original"]
-    ax.scatter(
-        [r["image_bytes"]["mean"] for r in images],
-        [100 * r["accuracy"] for r in images],
-        marker="s",
-        color="tab:orange",
-        label="cloud-only: image codec",
+    series = (
+        (split, "payload_bytes", "spec", "o", "tab:blue", "split: feature codec", 3),
+        (images, "image_bytes", "name", "s", "tab:orange", "cloud-only: image codec", -9),
     )
-    for r in images:
-        ax.annotate(
-            r["name"],
-            (r["image_bytes"]["mean"], 100 * r["accuracy"]),
-            fontsize=7,
-            xytext=(3, -9),
-            textcoords="offset points",
-        )
+    for rows, size_key, name_key, marker, color, label, dy in series:
+        points = [(r[size_key]["mean"], 100 * r["accuracy"]) for r in rows]
+        ax.scatter([x for x, _ in points], [y for _, y in points], marker=marker, color=color, label=label)
+        for r, point in zip(rows, points, strict=True):
+            ax.annotate(r[name_key], point, fontsize=7, xytext=(3, dy), textcoords="offset points")
     unsplit = results["findings"]["unsplit_accuracy"]
     ax.axhline(100 * unsplit, color="gray", linestyle="--", linewidth=0.8, label="unsplit, original image")
     ax.set_xscale("log")

@@ -164,6 +164,12 @@ class SceneGrid:
     def __init__(self, size: int, grid: int) -> None:
         self.size, self.grid = size, grid
 
+    @classmethod
+    def for_model(cls, model: LlavaForConditionalGeneration) -> SceneGrid:
+        """The patch grid of a LLaVA model's vision tower."""
+        vision_cfg: Any = model.config.vision_config
+        return cls(vision_cfg.image_size, vision_cfg.image_size // vision_cfg.patch_size)
+
     def owners(self, scene: Scene) -> torch.Tensor:
         """``[patches]`` index of the object owning each patch, -1 for background."""
         if not scene.objects:
@@ -429,10 +435,9 @@ def train_vision(
 ) -> None:
     """Stage 1: the vision tower learns per-patch colour, shape, centres and object position."""
     tower = model.model.vision_tower
-    vision_cfg: Any = model.config.vision_config
-    grid = SceneGrid(vision_cfg.image_size, vision_cfg.image_size // vision_cfg.patch_size)
+    grid = SceneGrid.for_model(model)
     init_position_embedding(tower)
-    probe = PatchProbe(vision_cfg.hidden_size)
+    probe = PatchProbe(model.config.vision_config.hidden_size)
     named = [*tower.named_parameters(), *probe.named_parameters("probe")]
     optim = _adamw(named, cfg, cfg.vision_lr)
     logger = _Log(log, "vision")
@@ -469,8 +474,7 @@ def train_language(
     tower = model.model.vision_tower
     tower.requires_grad_(False)
     tower.eval()
-    vision_cfg: Any = model.config.vision_config
-    grid = SceneGrid(vision_cfg.image_size, vision_cfg.image_size // vision_cfg.patch_size)
+    grid = SceneGrid.for_model(model)
     if cfg.ground_weight:
         model.set_attn_implementation("eager")  # attention weights for the grounding loss
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
