@@ -437,7 +437,7 @@ def train_vision(
     tower = model.model.vision_tower
     grid = SceneGrid.for_model(model)
     init_position_embedding(tower)
-    probe = PatchProbe(model.config.vision_config.hidden_size)
+    probe = PatchProbe(tower.config.hidden_size)
     named = [*tower.named_parameters(), *probe.named_parameters("probe")]
     optim = _adamw(named, cfg, cfg.vision_lr)
     logger = _Log(log, "vision")
