@@ -13,7 +13,7 @@ from transformers import LlavaForConditionalGeneration
 from shared.models.registry import resolve_model
 from shared.reference.evaluate import evaluate_split, evaluate_unsplit, heldout_items
 from shared.reference.model import TOKENS_PER_IMAGE, new_reference_model, save_reference_model
-from shared.reference.scenes import COLORS, SHAPES, make_scene, object_coverage
+from shared.reference.scenes import COLORS, SHAPES, make_scene, object_coverage, tokenize
 from shared.reference.train import (
     IGNORE,
     Batcher,
@@ -22,7 +22,9 @@ from shared.reference.train import (
     evidence,
     forward_loss,
     grounding_targets,
+    named_objects,
     train,
+    word_targets,
 )
 from shared.split import SplitPoint
 
@@ -48,7 +50,7 @@ def test_prefix_shared_training_loss_equals_full_sequence_loss() -> None:
     ids, labels, mask = batcher.suffixes(qas)
     prefix = torch.tensor(batcher.prefix_ids).expand(len(qas), -1)
     with torch.no_grad():
-        loss, _, _ = forward_loss(model, batcher, pixels, ids, labels, mask, index)
+        loss = forward_loss(model, batcher, pixels, ids, labels, mask, index).loss
         full = model(
             input_ids=torch.cat([prefix, ids], 1),
             pixel_values=pixels[index],
@@ -93,10 +95,11 @@ def test_grounding_targets_cover_the_named_objects() -> None:
     for seed in range(20):
         scene = make_scene(seed)
         targets, sink = grounding_targets(grid, [scene])
+        assert targets.shape == (len(scene.qas), 1, 256)
         owner = grid.owners(scene)
-        for row, may_sink, qa in zip(targets, sink, scene.qas, strict=True):
-            picked = evidence(scene, qa)
-            assert bool(may_sink) == (qa.qtype in ("count", "presence"))
+        for heads, may_sink, qa in zip(targets, sink, scene.qas, strict=True):
+            row, picked = heads[0], evidence(scene, qa)
+            assert bool(may_sink) == (qa.qtype == "count" or (qa.qtype == "presence" and not picked))
             if qa.qtype == "count":  # one patch per counted object: its centre
                 assert sorted(row.nonzero().flatten().tolist()) == sorted(
                     grid.centre(scene, k) for k in picked
@@ -107,6 +110,27 @@ def test_grounding_targets_cover_the_named_objects() -> None:
                 assert bool((row | (owner != k)).all())  # every patch of an evidence object is a target
                 obj = scene.objects[k]
                 assert obj.color in qa.question or obj.shape in qa.question
+
+
+def test_relative_questions_ground_first_named_object_on_half_the_heads() -> None:
+    grid = SceneGrid(128, 16)
+    checked = 0
+    for seed in range(40):
+        scene = make_scene(seed)
+        targets, _ = grounding_targets(grid, [scene], heads=6)
+        owner = grid.owners(scene)
+        for heads, qa in zip(targets, scene.qas, strict=True):
+            if qa.qtype != "relative":
+                assert bool((heads == heads[0]).all())  # one target shared by every head
+                continue
+            a, b = named_objects(scene, qa)
+            first, second = scene.objects[a], scene.objects[b]
+            assert qa.question.index(f"{first.color} {first.shape}") < qa.question.index(
+                f"{second.color} {second.shape}"
+            )
+            assert bool((heads[:3] == (owner == a)).all()) and bool((heads[3:] == (owner == b)).all())
+            checked += 1
+    assert checked > 5
 
 
 def test_training_smoke_run_saves_a_loadable_checkpoint(tmp_path: Path) -> None:
@@ -144,3 +168,21 @@ def test_lossless_split_gives_the_unsplit_answers_on_heldout_items(tiny_dir: Pat
     assert split.answers == unsplit.answers == after_projector.answers
     assert split.payload_bytes and min(split.payload_bytes) > 0
     assert set(unsplit.per_type()) and 0.0 <= unsplit.accuracy <= 1.0
+
+
+def test_word_targets_point_the_first_layer_at_the_question_names() -> None:
+    model, processor = new_reference_model(0)
+    batcher = Batcher(processor, int(model.config.image_token_index), int(model.config.image_seq_length))
+    qas = [qa for seed in range(30) for qa in make_scene(seed).qas]
+    ids, _, _ = batcher.suffixes(qas)
+    targets = word_targets(batcher, qas, heads=6, width=ids.shape[1])
+    vocab = processor.tokenizer
+    for qa, row, heads in zip(qas, ids, targets, strict=True):
+        named = [vocab.decode([int(t)]).strip() for t in row[heads.any(0)]]
+        expected = [w for w in tokenize(qa.question) if w in COLORS or w in SHAPES or w.rstrip("s") in SHAPES]
+        assert named == expected, qa.question
+        if qa.qtype == "relative":  # first-named object on heads 0-2, second on heads 3-5
+            assert [vocab.decode([int(t)]).strip() for t in row[heads[0]]] == expected[:2]
+            assert [vocab.decode([int(t)]).strip() for t in row[heads[5]]] == expected[2:]
+        else:
+            assert bool((heads == heads[0]).all())

@@ -90,9 +90,13 @@ Two stages (`shared/reference/train.py`), on freshly generated scenes every step
    (deep supervision from the scenes' ground truth; the probe is discarded). Position embeddings
    start as 2-D sine-cosine tables.
 2. **Projector + language model**, vision tower frozen, {cfg.steps} steps × {cfg.images_per_step} images ×
-   {cfg.questions_per_image} questions, AdamW lr {cfg.lr}: cross-entropy on the answer tokens plus a
-   grounding loss that rewards the last layer's attention (from the answer position) on the
-   patches of the objects the question names.
+   {cfg.questions_per_image} questions, AdamW lr {cfg.lr}: cross-entropy on the answer tokens, plus
+   - a grounding loss that rewards the last layer's attention (from the answer position) on the
+     patches of the objects the question names (for "is A left of B?", half the heads on A and
+     half on B; counts on the counted objects' centre patches);
+   - per-layer linear probes (weight {cfg.image_probe_weight:g}, discarded afterwards) on what each
+     language-model layer sees at the image tokens, against the same per-patch targets as
+     stage 1, so that the projector keeps colour as readable as shape.
 
 Cosine schedules to {cfg.min_lr_ratio:g}× the peak after {cfg.warmup} warm-up steps, weight decay
 {cfg.weight_decay}. Trained in {train_seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads
