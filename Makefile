@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint proto clean
+.PHONY: install demo test lint proto clean reference-artifacts
 
 install: $(STAMP)
 
@@ -32,3 +32,15 @@ proto: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Calibration artifacts shipped with the reference model (shared/models/reference-llava/codecs/),
+# fitted on 256 training scenes; the services and `splitvlm eval` find them without flags.
+REFERENCE_SPECS := 'pca:k=16|int8|zstd' 'kmeans:bits=4|zstd' 'sparse:atoms=256,k=8|int8|zstd' \
+	'ae:dim=32|int8|zstd' 'ae:dim=32,vq=256,parts=8|zstd' 'ae:dim=32,vq=4096,parts=8|zstd' \
+	'int8|zstd:dict=1'
+reference-artifacts: $(STAMP)
+	@for spec in $(REFERENCE_SPECS); do \
+		name=$$(printf '%s' "$$spec" | tr -cs 'A-Za-z0-9' '-'); \
+		$(VENV)/bin/splitvlm calibrate --model builtin:reference-llava --synthetic 256 --codec "$$spec" \
+			--out shared/models/reference-llava/codecs/$$name || exit 1; \
+	done

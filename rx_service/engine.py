@@ -17,8 +17,8 @@ import torch
 
 from shared import __version__
 from shared.codecs import Codec, build_codec
-from shared.codecs.calibrate import build_codec_with, load_artifacts
-from shared.codecs.calibration import CalibrationArtifact
+from shared.codecs.artifacts import ArtifactIndex
+from shared.codecs.calibrate import build_codec_with
 from shared.codecs.fold import FoldCache
 from shared.config import RxSettings
 from shared.errors import BadRequestError, CodecError, FingerprintMismatchError
@@ -53,8 +53,9 @@ class RxEngine:
     architecture: str = ""
     notice: str = ""
     codecs: dict[str, Codec] = field(default_factory=dict)  # by codec fingerprint
-    # Calibration artifacts by the canonical codec spec they were fitted for (settings.codec_artifacts).
-    artifacts: dict[str, CalibrationArtifact] = field(default_factory=dict)
+    # Calibration artifacts for this model by canonical codec spec: settings.codec_artifacts, then
+    # the cache dir's and the checkpoint's codecs/ folders (shared/codecs/artifacts.py).
+    artifacts: ArtifactIndex = field(default_factory=lambda: ArtifactIndex(""))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # Folded first-layer decoders (pca, sparse) by codec fingerprint (settings.fold_decoder).
     _fold_cache: FoldCache | None = None
@@ -62,15 +63,22 @@ class RxEngine:
     @classmethod
     def load(cls, settings: RxSettings) -> RxEngine:
         folder = resolve_model(settings.model, settings.cache_dir)
+        fingerprint = model_fingerprint(folder, settings.cache_dir)
         half = load_rx_half(folder, settings.split_point)
         engine = cls(
             settings=settings,
             half=half,
             model_id=settings.model,
-            fingerprint=model_fingerprint(folder, settings.cache_dir),
+            fingerprint=fingerprint,
             architecture=type(half).__name__,
             notice=model_notice(folder),
-            artifacts=load_artifacts(settings.codec_artifacts, model_fingerprint(folder, settings.cache_dir)),
+            artifacts=ArtifactIndex.discover(
+                fingerprint,
+                model=settings.model,
+                model_folder=folder,
+                cache_dir=settings.cache_dir,
+                explicit=settings.codec_artifacts,
+            ),
         )
         for spec in settings.codecs:
             codec = build_codec_with(spec, engine.artifacts)

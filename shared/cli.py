@@ -225,7 +225,13 @@ def train_reference_cmd(
 @app.command("calibrate")
 def calibrate_cmd(
     codec: Annotated[str, typer.Option(help="Codec spec with calibrated stages, e.g. 'pca:k=16|int8|zstd'.")],
-    out: Annotated[Path, typer.Option(help="Artifact path: writes OUT.safetensors and OUT.json.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Artifact path: writes OUT.safetensors and OUT.json [default: under the cache dir's "
+            "codecs/ folder, where the services and eval find it without flags]."
+        ),
+    ] = None,
     model: Annotated[str, typer.Option(help="Model reference (see rx serve).")] = DEFAULT_MODEL,
     images: Annotated[
         Path | None, typer.Option(help="Folder of calibration images.", exists=True, file_okay=False)
@@ -238,6 +244,7 @@ def calibrate_cmd(
     """Fit a codec's calibrated stages (pca, kmeans, zstd:dict=1) on model features; save the artifact."""
     from rich.progress import Progress
 
+    from shared.codecs.artifacts import default_artifact_path
     from shared.codecs.calibrate import calibrate, folder_images, synthetic_images
     from shared.codecs.calibration import CalibrationArtifact
     from shared.errors import CodecError
@@ -253,21 +260,70 @@ def calibrate_cmd(
                 synthetic_images(synthetic, seed),
                 f"synthetic scenes {seed}..{seed + synthetic - 1}",
             )
+        target = out if out is not None else default_artifact_path(model, codec)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("vision encoder", total=len(pictures))
             artifact = calibrate(
                 model,
                 codec,
-                out,
+                target,
                 images=pictures,
                 advance=lambda: progress.advance(task),
                 on_stage=lambda spec: progress.update(task, description=f"fitting {spec}"),
                 source=source,
             )
         console.print(f"calibrated {artifact.spec} on {len(pictures)} images ({source})")
-        tensor_path, json_path = CalibrationArtifact.paths(out)
+        tensor_path, json_path = CalibrationArtifact.paths(target)
         console.print(f"wrote {tensor_path} and {json_path}")
         console.print(f"artifact fingerprint {artifact.fingerprint}")
+
+    _or_exit(run)
+
+
+@app.command("calibrate-ladder")
+def calibrate_ladder_cmd(
+    out: Annotated[Path, typer.Option(help="Where to write the measured ladder (JSON).")],
+    model: Annotated[str, typer.Option(help="Model reference (see rx serve).")] = DEFAULT_MODEL,
+    codec: Annotated[
+        list[str] | None, typer.Option(help="A candidate codec, added to the default ladder; repeatable.")
+    ] = None,
+    default_ladder: Annotated[bool, typer.Option(help="Include rate control's default ladder.")] = True,
+    images: Annotated[
+        int, typer.Option(min=1, help="Held-out scenes to measure on (2 questions each).")
+    ] = 100,
+    split: Annotated[
+        SplitPoint, typer.Option(help="Where the model is cut.")
+    ] = SplitPoint.AFTER_VISION_TOWER,
+    codec_artifact: ArtifactOpt = None,
+) -> None:
+    """Measure candidate codecs' payload and held-out accuracy on a model: a ladder for rate control."""
+    from rich.progress import Progress
+
+    from shared.codecs.artifacts import artifacts_for
+    from shared.codecs.ladder import measure_ladder
+    from shared.codecs.rate import DEFAULT_LADDER
+    from shared.models.registry import model_fingerprint, resolve_model
+
+    def run() -> None:
+        folder = resolve_model(model)
+        specs = [*(DEFAULT_LADDER if default_ladder else ()), *(codec or [])]
+        with Progress(console=console, transient=True) as progress:
+            measured = measure_ladder(
+                folder,
+                specs,
+                images=images,
+                artifacts=artifacts_for(model, folder, codec_artifact or []),
+                split_point=split,
+                model=model,
+                model_fingerprint=model_fingerprint(folder),
+                progress=progress,
+                on_skip=lambda spec, why: console.print(f"skipped {spec}: {why}", markup=False),
+            )
+        for r in measured.ordered():
+            console.print(
+                f"{r.accuracy:7.1%} {r.mean_bytes:9,.0f} B  {r.spec}", markup=False, highlight=False
+            )
+        console.print(f"wrote {measured.save(out)}")
 
     _or_exit(run)
 
@@ -298,13 +354,21 @@ def eval_cmd(
             "Linear, as the Rx does; compare with --no-fold-decoder."
         ),
     ] = False,
+    ladder: Annotated[
+        Path | None,
+        typer.Option(
+            help="Measured ladder (`splitvlm calibrate-ladder`): --target-bytes runs pick the most "
+            "accurate of its codecs whose payload fits."
+        ),
+    ] = None,
 ) -> None:
     """Exact-match accuracy on the held-out VQA set, unsplit and split through each codec."""
     import json
 
     from rich.progress import Progress
 
-    from shared.codecs.calibrate import load_artifacts
+    from shared.codecs.artifacts import artifacts_for
+    from shared.codecs.ladder import MeasuredLadder
     from shared.codecs.rate import RateTarget
     from shared.models.registry import model_fingerprint, resolve_model
     from shared.reference.evaluate import (
@@ -316,7 +380,8 @@ def eval_cmd(
 
     def run() -> None:
         folder = resolve_model(model)
-        artifacts = load_artifacts(codec_artifact or [], model_fingerprint(folder))
+        artifacts = artifacts_for(model, folder, codec_artifact or [])
+        measured = MeasuredLadder.load(ladder, model_fingerprint(folder)) if ladder else None
         items = heldout_items(images)
         results = []
         with Progress(console=console, transient=True) as progress:
@@ -329,7 +394,17 @@ def eval_cmd(
                     )
                 )
             for budget in target_bytes or []:
-                results.append(evaluate_rate_controlled(folder, items, RateTarget(budget), split, progress))
+                results.append(
+                    evaluate_rate_controlled(
+                        folder,
+                        items,
+                        RateTarget(budget),
+                        split,
+                        progress,
+                        ladder=measured,
+                        artifacts=artifacts,
+                    )
+                )
         console.print(eval_table(results))
         for r in results:
             if r.budget_bytes:

@@ -11,6 +11,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite runs on the tiny random model (fast); tests of the shipped reference model name it.
+TEST_MODEL = "builtin:tiny-llava"
+os.environ.setdefault("SPLITVLM_RX_MODEL", TEST_MODEL)
+os.environ.setdefault("SPLITVLM_TX_MODEL", TEST_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +26,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(cache_dir: Path) -> Path:
-    from shared.config import DEFAULT_MODEL
     from shared.models.registry import resolve_model
 
-    return resolve_model(DEFAULT_MODEL, cache_dir)
+    return resolve_model(TEST_MODEL, cache_dir)
 
 
 @pytest.fixture(scope="session")

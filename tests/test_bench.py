@@ -22,7 +22,11 @@ def quick_run(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
     out = tmp_path_factory.mktemp("bench")
     result = CliRunner().invoke(
-        app, ["bench", "--quick", "--out", str(out), "--bandwidths", "0.5,2,10,100", "--rtt-ms", "40"]
+        app,
+        [
+            *("bench", "--quick", "--model", "builtin:tiny-llava", "--out", str(out)),
+            *("--bandwidths", "0.5,2,10,100", "--rtt-ms", "40"),
+        ],
     )
     assert result.exit_code == 0, result.output
     return out, json.loads((out / "bench.json").read_text()), result.output

@@ -295,7 +295,7 @@ def test_cli_fold_decoder_options_are_wired(
 
     monkeypatch.delenv("SPLITVLM_RX_FOLD_DECODER")
     artifacts[PCA].save(tmp_path / "pca")
-    base = ["eval", "--no-unsplit", "--images", "1", "--codec", PCA]
+    base = ["eval", "--model", MODEL, "--no-unsplit", "--images", "1", "--codec", PCA]
     base += ["--codec-artifact", str(tmp_path / "pca")]
     for args, want in [(["--fold-decoder"], True), (["--no-fold-decoder"], False), ([], False)]:
         result = runner.invoke(app, [*base, *args])

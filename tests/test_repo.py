@@ -59,6 +59,9 @@ def test_cli_demo_runs_end_to_end(cache_dir: Path, model_dir: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "answer:" in out and "bytes sent:" in out and "tx_vision_encoder" in out and "rx_prefill" in out
-    # A held-out synthetic scene's question, with its ground truth printed beside the answer; the
-    # default (random-weight) model must say that its answers are meaningless.
-    assert "ground truth:" in out and "random" in out.lower()
+    # A held-out synthetic scene's question, answered by the shipped reference model (the
+    # default), with its ground truth printed beside the answer.
+    assert "builtin:reference-llava" in out and "random" not in out.lower()
+    truth = re.search(r"ground truth: '([^']*)'\s+(correct|wrong)", out)
+    assert truth, out
+    assert truth.group(2) == "correct", out

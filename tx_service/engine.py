@@ -19,8 +19,8 @@ from PIL import Image
 from rx_service.client import RxClient
 from shared import __version__
 from shared.codecs import Codec
-from shared.codecs.calibrate import build_codec_with, load_artifacts
-from shared.codecs.calibration import CalibrationArtifact
+from shared.codecs.artifacts import ArtifactIndex
+from shared.codecs.calibrate import build_codec_with
 from shared.codecs.rate import RateController, RateTarget, usable_ladder
 from shared.config import TxSettings
 from shared.errors import BadRequestError, FingerprintMismatchError
@@ -59,8 +59,9 @@ class TxEngine:
     rx: RxClient
     notice: str = ""
     codecs: dict[str, Codec] = field(default_factory=dict)  # by requested name/spec
-    # Calibration artifacts by the canonical codec spec they were fitted for (settings.codec_artifacts).
-    artifacts: dict[str, CalibrationArtifact] = field(default_factory=dict)
+    # Calibration artifacts for this model by canonical codec spec: settings.codec_artifacts, then
+    # the cache dir's and the checkpoint's codecs/ folders (shared/codecs/artifacts.py).
+    artifacts: ArtifactIndex = field(default_factory=lambda: ArtifactIndex(""))
     cache: PacketCache = field(default_factory=lambda: PacketCache(0))
     rate: RateController | None = None  # built on the first rate-controlled request
     _paired_with: str = ""
@@ -69,18 +70,25 @@ class TxEngine:
     @classmethod
     def load(cls, settings: TxSettings, rx: RxClient | None = None) -> TxEngine:
         folder = resolve_model(settings.model, settings.cache_dir)
+        fingerprint = model_fingerprint(folder, settings.cache_dir)
         engine = cls(
             settings=settings,
             half=load_tx_half(folder, settings.split_point),
             model_id=settings.model,
-            fingerprint=model_fingerprint(folder, settings.cache_dir),
+            fingerprint=fingerprint,
             rx=rx
             or RxClient(
                 settings.rx_address, timeout_s=settings.rx_timeout_s, chunk_bytes=settings.chunk_bytes
             ),
             notice=model_notice(folder),
             cache=PacketCache(settings.cache_bytes),
-            artifacts=load_artifacts(settings.codec_artifacts, model_fingerprint(folder, settings.cache_dir)),
+            artifacts=ArtifactIndex.discover(
+                fingerprint,
+                model=settings.model,
+                model_folder=folder,
+                cache_dir=settings.cache_dir,
+                explicit=settings.codec_artifacts,
+            ),
         )
         engine.codec(settings.codec)  # fail at start-up on a bad default codec
         return engine

@@ -138,6 +138,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def headline_rows(results: dict[str, Any]) -> list[list[str]]:
     """One row per split codec and image codec: name, bytes mean/p95, ratio, accuracy, agreement."""
     rows = []
+    jpeg75 = results["meta"].get("jpeg75_bytes_mean")
+    lossless = results["findings"].get("lossless_accuracy")
     for r in results["codecs"]:
         rows.append(
             [
@@ -145,7 +147,9 @@ def headline_rows(results: dict[str, Any]) -> list[list[str]]:
                 f"{r['payload_bytes']['mean']:,.0f}",
                 f"{r['payload_bytes']['p95']:,.0f}",
                 f"{r['ratio_vs_fp16']:.4f}",
+                _ratio(r.get("ratio_vs_jpeg75")),
                 _pct(r["accuracy"]),
+                _points(r.get("points_vs_lossless")),
                 _pct(r["agreement_with_lossless"]),
             ]
         )
@@ -156,14 +160,33 @@ def headline_rows(results: dict[str, Any]) -> list[list[str]]:
                 f"{r['image_bytes']['mean']:,.0f}",
                 f"{r['image_bytes']['p95']:,.0f}",
                 "-",
+                _ratio(r["image_bytes"]["mean"] / jpeg75 if jpeg75 else None),
                 _pct(r["accuracy"]),
+                _points(100 * (r["accuracy"] - lossless) if lossless is not None else None),
                 _pct(r["agreement_with_lossless_split"]),
             ]
         )
     return rows
 
 
-HEADLINE_COLUMNS = ["path", "bytes/image mean", "p95", "÷ fp16 features", "accuracy", "agree w/ lossless"]
+HEADLINE_COLUMNS = [
+    "path",
+    "bytes/image mean",
+    "p95",
+    "÷ fp16 features",
+    "÷ JPEG q75",
+    "accuracy",
+    "points vs lossless",
+    "agree w/ lossless",
+]
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}" if x < 0.1 else f"{x:.3f}"
+
+
+def _points(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1f}"
 
 
 def findings_lines(results: dict[str, Any]) -> list[str]:
@@ -255,7 +278,10 @@ def markdown(results: dict[str, Any]) -> str:
         _table(HEADLINE_COLUMNS, headline_rows(results)),
         "\nSplit bytes: the codec payload (the packet adds a ~100 B header). Cloud bytes: the encoded "
         "image at the model's input resolution; `original` is that image uncompressed (RGB, "
-        "width × height × 3 B), run through the unsplit model. Agreement: the fraction of answers "
+        "width × height × 3 B), run through the unsplit model. ÷ JPEG q75: mean bytes over the mean "
+        "JPEG q75 bytes of the same input images at the model's input size "
+        f"({results['meta'].get('jpeg75_bytes_mean') or 0:,.0f} B). Points vs lossless: accuracy "
+        "minus the lossless split's, in percentage points. Agreement: the fraction of answers "
         "identical to the lossless split's (which are the unsplit model's on the same image).\n",
         f"\n![accuracy vs bytes]({ACCURACY_PLOT})\n",
     ]

@@ -45,8 +45,8 @@ from shared.bench.latency import (
     transfer_ms,
 )
 from shared.bench.timings import StageTimes, median, percentile, summary
-from shared.codecs.calibrate import build_codec_with, load_artifacts
-from shared.codecs.calibration import CalibrationArtifact
+from shared.codecs.artifacts import ArtifactIndex, artifacts_for
+from shared.codecs.calibrate import build_codec_with
 from shared.codecs.fold import FoldCache
 from shared.config import DEFAULT_MODEL
 from shared.errors import CodecError, SplitVlmError
@@ -80,6 +80,7 @@ REFERENCE_CODEC = "lossless"
 ACCURACY_SLACK = 0.01  # "within 1 point"
 OVERHEAD_TARGET = 0.05  # encode <= 5% of the vision encoder, decode <= 5% of prefill
 TARGET_PRESET = "balanced"
+JPEG_YARDSTICK = ImageCodec("JPEG", 75)
 VALIDATE_MAX = 20  # throttled-link requests per path by default
 
 Advance = Callable[[str], None]
@@ -252,7 +253,7 @@ def _run_codec(
     options: GenerationOptions,
     split: SplitPoint,
     fold: FoldCache | None,
-    artifacts: dict[str, CalibrationArtifact],
+    artifacts: ArtifactIndex,
     advance: Advance,
 ) -> tuple[dict[str, Any], EvalResult, PathRecord]:
     codec = build_codec_with(spec, artifacts)
@@ -573,7 +574,7 @@ def run_bench(
     config: BenchConfig, on_progress: Callable[[str, int, int], None] | None = None
 ) -> dict[str, Any]:
     """Run everything; returns the results (see `shared.bench.report` for the files)."""
-    from shared.models.registry import model_fingerprint, resolve_model
+    from shared.models.registry import resolve_model
 
     started = time.perf_counter()
     if config.threads > 0:
@@ -581,9 +582,7 @@ def run_bench(
     if not config.image_codecs or not config.bandwidths:
         raise SplitVlmError("the bench needs at least one image codec and one bandwidth")
     folder = resolve_model(config.model)
-    artifacts = (
-        load_artifacts(config.codec_artifacts, model_fingerprint(folder)) if config.codec_artifacts else {}
-    )
+    artifacts = artifacts_for(config.model, folder, config.codec_artifacts)
     tx = load_tx_half(folder, config.split)
     rx = load_rx_half(folder, config.split)
     processor, unsplit = load_unsplit(folder)
@@ -635,9 +634,13 @@ def run_bench(
     if REFERENCE_CODEC not in split_results:
         raise SplitVlmError(f"the reference codec {REFERENCE_CODEC!r} failed: {skipped.get(REFERENCE_CODEC)}")
     lossless = split_results[REFERENCE_CODEC]
+    # The same input images as JPEG q75 at the model's input size: the everyday image yardstick.
+    jpeg75 = sum(len(JPEG_YARDSTICK.encode(g.image)) for g in items.groups) / n_images
     for row in codec_rows:
         res = split_results[row["spec"]]
         row["agreement_with_lossless"] = res.agreement(lossless)
+        row["points_vs_lossless"] = 100 * (res.accuracy - lossless.accuracy)
+        row["ratio_vs_jpeg75"] = row["payload_bytes"]["mean"] / jpeg75
         t = row["timings_ms"]
         row["overhead"] = {
             "encode_over_vision_encoder": t["codec_encode"]["median"] / vision_times.median("vision_encoder"),
@@ -712,6 +715,7 @@ def run_bench(
             "n_questions": n_items,
             "has_answers": items.has_answers,
             "input_size": list(size) if size else None,
+            "jpeg75_bytes_mean": jpeg75,
             "max_new_tokens": config.max_new_tokens,
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),

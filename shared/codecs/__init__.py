@@ -7,7 +7,7 @@
 Token reducers (``prune``, ``pool``, ``tome``) send fewer tokens: decode with
 ``codec.decoded_shape(tokens, dim)``, which is what the packet header declares.
 
-Calibrated stages (``pca``, ``kmeans``, ``sparse``, ``ae``, ``zstd:dict=1``) need the artifact
+Calibrated stages (``pca``, ``kmeans``, ``sparse``, ``ae``, ``salient``, ``zstd:dict=1``) need the artifact
 `splitvlm calibrate` writes: ``build_codec(spec, artifact=path)`` (see `shared.codecs.calibration`).
 
 See `shared.codecs.base` for the stage model and `shared.codecs.pipeline` for

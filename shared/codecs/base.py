@@ -181,6 +181,9 @@ class TensorStage(Stage):
     inputs: ClassVar[tuple[str, ...]] = ("x",)
     outputs: ClassVar[tuple[str, ...]] = ("x",)
     quantizer: ClassVar[bool] = False
+    # Per-token scores the stage ranks tokens by, computed by the Tx half (e.g. "cls": the vision
+    # tower's CLS attention) and passed to `encode` as the field "scores"; "" for none. Never sent.
+    score_kind: str = ""
 
     @abstractmethod
     def layout(self, fields: Layout, ctx: CodecContext) -> Layout:

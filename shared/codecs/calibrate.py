@@ -15,18 +15,19 @@ from __future__ import annotations
 import datetime
 import getpass
 import platform
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shared import __version__
+from shared.codecs.artifacts import ArtifactIndex
 from shared.codecs.base import ByteStage, CodecContext, Fields, FieldSpec, Stage, TensorStage
 from shared.codecs.calibration import CalibratedStage, CalibrationArtifact, needs_calibration, tensor_key
 from shared.codecs.pipeline import PRESETS, Codec, build_codec, parse_stage, stage_output_context
 from shared.codecs.serialize import pack
-from shared.errors import CodecError, FingerprintMismatchError
+from shared.errors import CodecError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -199,26 +200,17 @@ def load_artifacts(
     With `model_fingerprint`, an artifact fitted on another model is refused
     (FingerprintMismatchError): its statistics describe another feature space.
     """
-    by_spec: dict[str, CalibrationArtifact] = {}
-    sources: dict[str, str] = {}
-    for path in paths:
-        art = CalibrationArtifact.load(path)
-        if model_fingerprint and art.model_fingerprint and art.model_fingerprint != model_fingerprint:
-            raise FingerprintMismatchError(
-                f"calibration artifact {path} was fitted on model {art.model or '?'} "
-                f"({art.model_fingerprint}); this service holds {model_fingerprint}: "
-                "run splitvlm calibrate with this model"
-            )
-        if art.spec in by_spec:
-            raise CodecError(
-                f"two calibration artifacts for codec {art.spec!r}: {sources[art.spec]} and {path}; "
-                "give one per codec spec"
-            )
-        by_spec[art.spec] = art
-        sources[art.spec] = str(path)
-    return by_spec
+    return dict(ArtifactIndex.discover(model_fingerprint or "", explicit=paths).items())
 
 
-def build_codec_with(spec: str, artifacts: dict[str, CalibrationArtifact]) -> Codec:
-    """`build_codec(spec)` with the artifact fitted for this spec, if one is held."""
-    return build_codec(spec, artifact=artifacts.get(canonical_spec(spec)))
+def build_codec_with(spec: str, artifacts: ArtifactIndex | Mapping[str, CalibrationArtifact]) -> Codec:
+    """`build_codec(spec)` with the artifact fitted for this spec, if one is held.
+
+    With an `ArtifactIndex`, a calibrated spec it has no artifact for is refused with the
+    index's explanation (what exists instead, and the `splitvlm calibrate` command to run).
+    """
+    canonical, stages = parse_stages(spec)
+    artifact = artifacts.get(canonical)
+    if artifact is None and isinstance(artifacts, ArtifactIndex) and any(map(needs_calibration, stages)):
+        raise CodecError(artifacts.missing(canonical))
+    return build_codec(spec, artifact=artifact)

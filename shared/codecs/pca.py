@@ -48,7 +48,9 @@ class Pca(CalibratedStage, TensorStage):
         if n < 2:
             raise CodecError(f"pca needs at least 2 calibration tokens, got {n}")
         mean = x.mean(0)
-        _, _, vh = torch.linalg.svd(x - mean, full_matrices=True)
+        # The reduced SVD when there are more tokens than dims: the full one would build an n x n U
+        # (34 GB for 65,536 calibration tokens). With fewer tokens, the full V pads the basis to k.
+        _, _, vh = torch.linalg.svd(x - mean, full_matrices=n < dim)
         tensors = {"mean": mean.float(), "basis": vh[: self.k].float().contiguous()}
         self.load_state(tensors, None)
         return tensors

@@ -32,6 +32,7 @@ from shared.codecs import (  # noqa: F401  (registers the stages)
     pool,
     prune,
     raw,
+    salient,
     tome,
     zstd,
 )
@@ -133,7 +134,7 @@ def _check_order(stages: Sequence[Stage]) -> None:
                 "work on the float features, so they come first, before quantizers, casts and "
                 f"other tensor stages (e.g. '{stage.spec}|int8|zstd')"
             )
-        if isinstance(stage, TokenReducer) and stage.score_kind and after != "the input":
+        if stage.score_kind and after != "the input":
             raise CodecError(
                 f"stage {stage.spec!r} ranks tokens by the vision encoder's {stage.score_kind!r} scores, "
                 f"so it must be the first stage (it follows {after})"
@@ -240,8 +241,7 @@ class Codec:
     @property
     def score_kind(self) -> str:
         """The per-token scores `encode` needs from the Tx half (``"cls"``), or ``""``."""
-        first = self.tensor_stages[0] if self.tensor_stages else None
-        return first.score_kind if isinstance(first, TokenReducer) else ""
+        return self.tensor_stages[0].score_kind if self.tensor_stages else ""
 
     def encode(self, features: torch.Tensor, *, scores: torch.Tensor | None = None) -> bytes:
         """Payload for `features`; `scores` (``[tokens]``) are needed when `score_kind` is set."""
@@ -250,7 +250,7 @@ class Codec:
         stage_ctx = ctx
         for stage in self.tensor_stages:
             inputs = {k: fields[k] for k in stage.inputs}
-            if isinstance(stage, TokenReducer) and stage.score_kind and scores is not None:
+            if stage.score_kind and scores is not None:
                 inputs["scores"] = scores.detach().to("cpu").float()
             produced = stage.encode(inputs, stage_ctx)
             fields = {k: v for k, v in fields.items() if k not in stage.inputs} | produced

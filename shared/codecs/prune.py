@@ -63,10 +63,19 @@ class Prune(TokenReducer):
         keep = self.output_tokens(int(x.shape[0]))
         if scores is None:
             scores = torch.linalg.vector_norm(x.float(), dim=-1)
-        elif tuple(scores.shape) != (int(x.shape[0]),) or not bool(torch.isfinite(scores).all()):
-            raise CodecError(
-                f"stage 'prune': scores must be {int(x.shape[0])} finite values (one per token), "
-                f"got shape {tuple(scores.shape)}"
-            )
-        order = torch.argsort(scores, descending=True, stable=True)
-        return torch.sort(order[:keep]).values
+        return top_k_indices(self.name, scores, keep, int(x.shape[0]))
+
+
+def top_k_indices(stage: str, scores: torch.Tensor, keep: int, tokens: int) -> torch.Tensor:
+    """Ascending indices of the `keep` highest of `scores` (``[tokens]``); ties go to the earlier token.
+
+    Shared by the stages that rank tokens (``prune``, ``salient``); CodecError unless `scores`
+    holds `tokens` finite values (they may come from the Tx half, e.g. CLS attention).
+    """
+    if tuple(scores.shape) != (tokens,) or not bool(torch.isfinite(scores).all()):
+        raise CodecError(
+            f"stage {stage!r}: scores must be {tokens} finite values (one per token), "
+            f"got shape {tuple(scores.shape)}"
+        )
+    order = torch.argsort(scores, descending=True, stable=True)
+    return torch.sort(order[:keep]).values

@@ -9,11 +9,13 @@
                                      smallest candidate up; full-token candidates only)
              ─► RateChoice(codec, payload, decoded shape, fidelity, candidates tried)
 
-Every ladder spec is calibration-free, so rate control works for any model. The
+Every default ladder spec is calibration-free, so rate control works for any model. The
 ladder is ordered by nominal payload size; the search assumes sizes (and
-fidelities) fall along it, which holds for the default ladder up to zstd's few
-bytes of slack. Whatever the ordering, a chosen payload always meets the budget:
-sizes are measured by encoding, never estimated.
+fidelities) fall along it, which holds on the tiny model's features up to zstd's
+few bytes of slack but not on every model's (on the reference model
+``pool:2|linear:bits=4`` is larger than ``linear:bits=2``: use a measured ladder).
+Whatever the ordering, a chosen payload always meets the budget: sizes are
+measured by encoding, never estimated.
 
 Token-reducing candidates (``prune``, ``pool``) are only in the ladder when the
 split supports token reduction (`usable_ladder`), and only in byte-budget mode:
@@ -22,6 +24,12 @@ cosine against the original is defined, and a cosine against the reduced
 reference would hide the loss of the dropped tokens. Fidelity mode therefore
 chooses among full-token candidates only. With both targets set, the fidelity
 choice must also fit the budget (CodecError otherwise).
+
+Given a measured ladder (`shared.codecs.ladder`: each candidate's held-out accuracy
+and mean payload on this model), the order is by accuracy instead: ``target_bytes=N``
+encodes candidates most accurate first and takes the first whose payload is <= N
+(a linear scan, since accuracy does not fall along size), and fidelity mode scans
+by measured mean payload, smallest first. Without one, nothing changes.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shared.codecs.ladder import Artifacts, MeasuredLadder, Rung
 from shared.codecs.pipeline import Codec, build_codec
 from shared.errors import CodecError
 
@@ -96,6 +105,7 @@ class RateChoice:
     target: RateTarget
     fidelity: float | None = None  # mean per-token cosine, measured in fidelity mode
     tried: list[tuple[str, int]] = field(default_factory=list)  # (spec, payload bytes) in encode order
+    accuracy: float | None = None  # the candidate's held-out accuracy, from a measured ladder
 
     @property
     def spec(self) -> str:
@@ -106,6 +116,8 @@ class RateChoice:
         text = f"{self.target.describe()}: chose {self.spec!r} ({len(self.payload)} B"
         if self.fidelity is not None:
             text += f", cosine {self.fidelity:.4f}"
+        if self.accuracy is not None:
+            text += f", held-out accuracy {self.accuracy:.1%}"
         return text + f"; {len(self.tried)} candidates encoded)"
 
 
@@ -148,10 +160,31 @@ def usable_ladder(
 
 
 class RateController:
-    """Chooses, per image, a codec of `ladder` (highest quality first) that meets a `RateTarget`."""
+    """Chooses, per image, a codec of `ladder` (highest quality first) that meets a `RateTarget`.
 
-    def __init__(self, ladder: Sequence[Codec] | None = None) -> None:
-        self.ladder = list(ladder) if ladder is not None else usable_ladder()
+    With `measured` (instead of `ladder`), the candidates are its rungs, most accurate first,
+    built with `artifacts` (calibrated rungs) and filtered by `accept` (see `MeasuredLadder.codecs`;
+    the left-out rungs and why are in `skipped`).
+    """
+
+    def __init__(
+        self,
+        ladder: Sequence[Codec] | None = None,
+        *,
+        measured: MeasuredLadder | None = None,
+        artifacts: Artifacts | None = None,
+        accept: Callable[[Codec], None] | None = None,
+    ) -> None:
+        self.rungs: dict[str, Rung] | None = None  # spec -> measurements, with a measured ladder
+        self.skipped: list[str] = []
+        if measured is not None:
+            if ladder is not None:
+                raise CodecError("rate control takes a ladder of codecs or a measured ladder, not both")
+            pairs, self.skipped = measured.codecs(artifacts, accept)
+            self.ladder = [codec for codec, _ in pairs]
+            self.rungs = {codec.spec: rung for codec, rung in pairs}
+        else:
+            self.ladder = list(ladder) if ladder is not None else usable_ladder()
         if not self.ladder:
             raise CodecError("rate control needs at least one candidate codec")
 
@@ -180,7 +213,26 @@ class RateController:
         candidates = self.candidates(int(features.shape[0]), int(features.shape[1]))
         if target.min_fidelity > 0:
             return self._by_fidelity(features, candidates, target)
+        if self.rungs is not None:
+            return self._by_accuracy(features, candidates, target)
         return self._by_bytes(features, candidates, target)
+
+    def _by_accuracy(
+        self, features: torch.Tensor, candidates: list[tuple[Codec, tuple[int, int]]], target: RateTarget
+    ) -> RateChoice:
+        assert self.rungs is not None
+        tried: list[tuple[str, int]] = []
+        for codec, shape in candidates:  # most accurate first
+            payload = codec.encode(features)
+            tried.append((codec.spec, len(payload)))
+            if len(payload) <= target.max_bytes:
+                accuracy = self.rungs[codec.spec].accuracy
+                return RateChoice(codec, payload, shape, target, tried=tried, accuracy=accuracy)
+        spec, smallest = min(tried, key=lambda t: t[1])
+        raise CodecError(
+            f"rate control: no codec fits target_bytes={target.max_bytes}; the smallest achievable "
+            f"payload for these features is {smallest} B ({spec!r})"
+        )
 
     def _by_bytes(
         self, features: torch.Tensor, candidates: list[tuple[Codec, tuple[int, int]]], target: RateTarget
@@ -217,9 +269,14 @@ class RateController:
         full = [(c, s) for c, s in candidates if not c.token_reducers]
         if not full:
             raise CodecError("rate control: fidelity mode needs a candidate that keeps every token")
+        if self.rungs is not None:
+            rungs = self.rungs
+            order = sorted(full, key=lambda c: rungs[c[0].spec].mean_bytes)  # smallest measured first
+        else:
+            order = list(reversed(full))  # smallest nominal payload first
         tried: list[tuple[str, int]] = []
         best = 0.0
-        for codec, shape in reversed(full):  # smallest payload first
+        for codec, shape in order:
             payload = codec.encode(features)
             tried.append((codec.spec, len(payload)))
             decoded = codec.decode(payload, shape, dtype=torch.float32)
@@ -231,7 +288,10 @@ class RateController:
                         f"rate control: the smallest payload keeping mean cosine >= {target.min_fidelity:g} "
                         f"is {len(payload)} B ({codec.spec!r}), over target_bytes={target.max_bytes}"
                     )
-                return RateChoice(codec, payload, shape, target, fidelity=fidelity, tried=tried)
+                accuracy = self.rungs[codec.spec].accuracy if self.rungs is not None else None
+                return RateChoice(
+                    codec, payload, shape, target, fidelity=fidelity, tried=tried, accuracy=accuracy
+                )
         raise CodecError(
             f"rate control: no codec keeps mean per-token cosine >= {target.min_fidelity:g}; "
             f"the best reached is {best:.6f}"

@@ -2,8 +2,10 @@
 
 A reference is one of:
 
-- ``builtin:<name>`` — a model generated locally on first use (``builtin:tiny-llava``,
-  the default), built into ``<cache_dir>/models/<folder name>`` and reused afterwards;
+- ``builtin:reference-llava`` — the trained reference model, shipped inside the package
+  (``shared/models/reference-llava``): the default;
+- ``builtin:<name>`` — a model generated locally on first use (``builtin:tiny-llava``, random
+  weights, for fast tests), built into ``<cache_dir>/models/<folder name>`` and reused afterwards;
 - a local folder holding a Hugging Face checkpoint (``config.json`` + weights);
 - a Hugging Face hub id, looked up in the local Hugging Face cache only: this code never
   downloads anything.
@@ -26,8 +28,8 @@ from pathlib import Path
 
 from shared.errors import ModelError
 
-# The trained reference model (builtin:reference-llava) becomes the default once it ships.
-DEFAULT_MODEL = "builtin:tiny-llava"
+# The trained reference model, shipped in the package; builtin:tiny-llava stays for fast tests.
+DEFAULT_MODEL = "builtin:reference-llava"
 BUILTIN_PREFIX = "builtin:"
 CACHE_ENV = "SPLITVLM_CACHE_DIR"
 FINGERPRINTS_FILE = "fingerprints.json"

@@ -22,9 +22,12 @@ import torch
 from PIL import Image
 from rich.progress import Progress
 
+from shared.codecs.artifacts import ArtifactIndex
 from shared.codecs.calibrate import build_codec_with
 from shared.codecs.calibration import CalibrationArtifact
 from shared.codecs.fold import FoldCache
+from shared.codecs.ladder import MeasuredLadder
+from shared.codecs.pipeline import Codec
 from shared.codecs.rate import RateController, RateTarget, usable_ladder
 from shared.reference.scenes import QA, QTYPES, Scene, heldout_set
 from shared.split import (
@@ -99,6 +102,7 @@ class EvalResult:
             "mean_payload_bytes": self.mean_payload_bytes,
             "feature_bytes": self.feature_bytes,
             "seconds": self.seconds,
+            "answers": self.answers,
         } | (
             {
                 "budget_bytes": self.budget_bytes,
@@ -160,7 +164,7 @@ def evaluate_split(
     progress: Progress | None = None,
     *,
     fold_decoder: bool = False,
-    artifacts: Mapping[str, CalibrationArtifact] | None = None,
+    artifacts: ArtifactIndex | Mapping[str, CalibrationArtifact] | None = None,
 ) -> EvalResult:
     """Split through `codec_spec` (calibrated stages take their fitted state from `artifacts`).
 
@@ -168,7 +172,7 @@ def evaluate_split(
     first Linear as the Rx does (`shared.codecs.fold`); other codecs decode normally. The
     result is named ``SPEC (folded)`` when folding ran.
     """
-    codec = build_codec_with(codec_spec, dict(artifacts or {}))
+    codec = build_codec_with(codec_spec, artifacts if artifacts is not None else {})
     tx, rx = load_tx_half(folder, split_point), load_rx_half(folder, split_point)
     check_codec_support(codec, rx.codec_support, type(rx).__name__, token_scores=tx.token_scores)
     leading = rx.leading_linear() if fold_decoder and rx.codec_support.fold_linear else None
@@ -218,16 +222,23 @@ def evaluate_rate_controlled(
     target: RateTarget,
     split_point: SplitPoint = SplitPoint.AFTER_VISION_TOWER,
     progress: Progress | None = None,
+    *,
+    ladder: MeasuredLadder | None = None,
+    artifacts: ArtifactIndex | Mapping[str, CalibrationArtifact] | None = None,
 ) -> EvalResult:
-    """Split inference with the codec chosen per image by rate control (`shared.codecs.rate`)."""
+    """Split inference with the codec chosen per image by rate control (`shared.codecs.rate`);
+    with `ladder`, from its measured candidates, most accurate first (calibrated ones from `artifacts`)."""
     tx, rx = load_tx_half(folder, split_point), load_rx_half(folder, split_point)
     family = type(rx).__name__
-    rate = RateController(
-        usable_ladder(
-            accept=lambda c: check_codec_support(c, rx.codec_support, family, token_scores=tx.token_scores)
-        )
-    )
-    name = f"rate:{target.describe()}"
+
+    def accept(codec: Codec) -> None:
+        check_codec_support(codec, rx.codec_support, family, token_scores=tx.token_scores)
+
+    if ladder is not None:
+        rate = RateController(measured=ladder, artifacts=artifacts, accept=accept)
+    else:
+        rate = RateController(usable_ladder(accept=accept))
+    name = f"rate:{target.describe()}" + (" (measured ladder)" if ladder is not None else "")
     answers = [""] * len(items)
     payloads: list[int] = []
     specs: list[str] = []

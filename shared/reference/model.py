@@ -141,9 +141,34 @@ def save_reference_model(
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+    for weights in out_dir.glob("*.safetensors"):
+        to_hub_layout(weights)
     processor.save_pretrained(out_dir)
     (out_dir / NOTICE_FILE).write_text(json.dumps({"name": REFERENCE_NAME, **meta}, indent=2) + "\n")
     (out_dir / "README.md").write_text(card)
     for f in out_dir.glob("*.safetensors"):
         f.chmod(0o644)
     return out_dir
+
+
+def to_hub_layout(path: Path) -> None:
+    """Rename ``vision_tower.*`` to the hub's ``vision_tower.vision_model.*`` in place.
+
+    transformers 5 saves a LLaVA's CLIP tower without the ``vision_model.`` level that hub
+    checkpoints (llava-hf/*) have; transformers loads both, but other tools (vLLM) load only the
+    hub layout. Idempotent.
+    """
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    inner = "vision_tower.vision_model."
+    renamed = {
+        (
+            inner + k.removeprefix("vision_tower.")
+            if k.startswith("vision_tower.") and not k.startswith(inner)
+            else k
+        ): v
+        for k, v in state.items()
+    }
+    if renamed.keys() != state.keys():
+        save_file(renamed, str(path), metadata={"format": "pt"})
