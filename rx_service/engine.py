@@ -22,6 +22,7 @@ from shared.codecs.calibration import CalibrationArtifact
 from shared.codecs.fold import FoldCache
 from shared.config import RxSettings
 from shared.errors import BadRequestError, CodecError, FingerprintMismatchError
+from shared.metrics import queued
 from shared.models.card import model_notice
 from shared.models.registry import model_fingerprint, resolve_model
 from shared.protocol import pb
@@ -223,7 +224,7 @@ class RxEngine:
 
         def run() -> None:
             try:
-                with self._lock:
+                with queued("rx", self._lock):
                     start = time.perf_counter()
                     token_times.append(start)
                     self.half.generate(prompt, features, options, on_token=on_token)

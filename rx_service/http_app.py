@@ -6,17 +6,21 @@ POST /v1/generate    multipart: packet=<FeaturePacket file>, prompt=..., options
                      JSON answer, or Server-Sent Events with stream=true
                      (or `Accept: text/event-stream`)
 GET  /metrics        Prometheus
+GET  /docs, /redoc   API docs; their scripts and styles are served from /docs-assets (the
+                     fastapi-offline package), so they work without internet
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from google.protobuf.json_format import MessageToDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,12 +29,15 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rx_service.engine import RxEngine
+from rx_service.http_access import AccessLog
 from shared import __version__
 from shared.errors import BadRequestError, PacketError, PacketTooLargeError, SplitVlmError
-from shared.metrics import PAYLOAD_BYTES, REQUESTS
+from shared.metrics import PAYLOAD_BYTES, REQUESTS, TOKENS, TTFT
 from shared.protocol import pb
 from shared.protocol.packet import packet_from_bytes
 from shared.split import GenerationOptions
+
+DOCS_ASSETS = "/docs-assets"
 
 
 class GenerateForm(BaseModel):
@@ -95,7 +102,8 @@ def _error(exc: SplitVlmError) -> JSONResponse:
 
 
 def create_app(engine: RxEngine) -> FastAPI:
-    app = FastAPI(title="splitvlm Rx", version=__version__)
+    # Swagger UI and ReDoc load their assets from a CDN by default: a blank /docs offline.
+    app = FastAPIOffline(title="splitvlm Rx", version=__version__, static_url=DOCS_ASSETS)
     limits = engine.settings.packet_limits()
 
     @app.exception_handler(SplitVlmError)
@@ -137,7 +145,8 @@ def create_app(engine: RxEngine) -> FastAPI:
             top_k=parsed.top_k,
             seed=parsed.seed,
         )
-        chunks = engine.generate(header, payload, parsed.prompt, options)
+        started = time.perf_counter()
+        chunks = _counted(engine.generate(header, payload, parsed.prompt, options), started)
         # Pull the first chunk here so that every check (codec, fingerprints, decode)
         # fails as an HTTP error rather than inside an already-started stream.
         first = await run_in_threadpool(_next_chunk, chunks)
@@ -152,7 +161,18 @@ def create_app(engine: RxEngine) -> FastAPI:
 
 
 def wrap_app(app: FastAPI, max_body_bytes: int) -> ASGIApp:
-    return BodySizeLimit(app, max_body_bytes)
+    return AccessLog(BodySizeLimit(app, max_body_bytes))
+
+
+def _counted(chunks: Iterator[pb.TextChunk], started: float) -> Iterator[pb.TextChunk]:
+    """Pass chunks through, counting generated tokens and the time to the first one."""
+    first = True
+    for chunk in chunks:
+        if chunk.token_ids and first:
+            first = False
+            TTFT.labels("rx").observe(time.perf_counter() - started)
+        TOKENS.labels("rx").inc(len(chunk.token_ids))
+        yield chunk
 
 
 def _next_chunk(chunks: Iterator[pb.TextChunk]) -> pb.TextChunk:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -14,6 +15,8 @@ from rx_service.engine import RxEngine
 from rx_service.grpc_server import create_grpc_server
 from rx_service.http_app import create_app, wrap_app
 from shared.config import RxSettings
+from shared.errors import port_in_use
+from shared.grpc_util import port_is_taken
 
 log = logging.getLogger("splitvlm.rx")
 
@@ -48,6 +51,11 @@ class RunningRx:
 
 def start_rx(settings: RxSettings, engine: RxEngine | None = None, http: bool = True) -> RunningRx:
     """Load the model (unless given an engine) and start both servers in the background."""
+    # Taken ports fail before the model loads (which can take minutes), not after.
+    if port_is_taken(settings.host, settings.grpc_port):
+        raise port_in_use("Rx gRPC", settings.host, settings.grpc_port, "SPLITVLM_RX_GRPC_PORT")
+    if http and port_is_taken(settings.host, settings.http_port):
+        raise port_in_use("Rx HTTP", settings.host, settings.http_port, "SPLITVLM_RX_HTTP_PORT")
     engine = engine or RxEngine.load(settings)
     server, grpc_port = create_grpc_server(engine, settings.host, settings.grpc_port, settings.grpc_workers)
     server.start()
@@ -55,9 +63,19 @@ def start_rx(settings: RxSettings, engine: RxEngine | None = None, http: bool = 
     if http:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((settings.host, settings.http_port))
+        try:
+            sock.bind((settings.host, settings.http_port))
+        except OSError as exc:
+            sock.close()
+            server.stop(grace=None)
+            if exc.errno == errno.EADDRINUSE:
+                raise port_in_use(
+                    "Rx HTTP", settings.host, settings.http_port, "SPLITVLM_RX_HTTP_PORT"
+                ) from None
+            raise
         app = wrap_app(create_app(engine), settings.max_packet_bytes + 256 * 1024)
-        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        # Our own access log (`rx_service.http_access`) replaces uvicorn's.
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", log_config=None)
         http_server = uvicorn.Server(config)
         thread = threading.Thread(
             target=http_server.run, kwargs={"sockets": [sock]}, daemon=True, name="rx-http"

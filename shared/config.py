@@ -1,21 +1,67 @@
 """Service configuration: one pydantic settings object per service.
 
 Every field can be set by environment variable (``SPLITVLM_RX_GRPC_PORT=...``,
-``SPLITVLM_TX_RX_ADDRESS=...``) or by the matching CLI flag, which wins.
+``SPLITVLM_TX_RX_ADDRESS=...``); the CLI flags of `splitvlm rx serve` / `tx serve`
+(`shared.cli.SETTING_FLAGS`) win over them. List settings take comma-separated values
+(``SPLITVLM_RX_CODECS=int8,fp16``) or a JSON list. `splitvlm config show rx|tx` prints
+every setting with its variable, flag, default and current value.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from shared.models.registry import DEFAULT_MODEL, default_cache_dir
 from shared.protocol.packet import PacketLimits
 from shared.split.base import SplitPoint
 
-__all__ = ["DEFAULT_MODEL", "RxSettings", "TxSettings"]
+__all__ = ["DEFAULT_MODEL", "LogLevel", "RxSettings", "TxSettings", "split_codec_list"]
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+def split_codec_list(text: str) -> list[str]:
+    """Comma-separated codec specs; a piece like ``granularity=token`` continues the previous spec."""
+    specs: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if specs and "=" in piece.split("|")[0] and ":" not in piece.split("|")[0]:
+            specs[-1] += "," + piece
+        else:
+            specs.append(piece)
+    return specs
+
+
+class _CommaListEnv(EnvSettingsSource):
+    """Environment variables where list settings also take ``a,b,c`` (JSON lists still work)."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        if isinstance(value, str) and not value.lstrip().startswith(("[", "{")):
+            if field_name == "codecs":
+                return split_codec_list(value)
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return json.loads(value)
+
+
+def _sources(
+    settings_cls: type[BaseSettings],
+    init_settings: PydanticBaseSettingsSource,
+    dotenv_settings: PydanticBaseSettingsSource,
+    file_secret_settings: PydanticBaseSettingsSource,
+) -> tuple[PydanticBaseSettingsSource, ...]:
+    return (init_settings, _CommaListEnv(settings_cls), dotenv_settings, file_secret_settings)
 
 
 class RxSettings(BaseSettings):
@@ -49,6 +95,19 @@ class RxSettings(BaseSettings):
     max_new_tokens_limit: int = Field(512, gt=0)
     grpc_workers: int = Field(4, gt=0)
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    log_level: LogLevel = Field("info", description="log level; info logs one access line per request")
+    log_json: bool = Field(False, description="log one JSON object per line (for log shippers)")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return _sources(settings_cls, init_settings, dotenv_settings, file_secret_settings)
 
     def packet_limits(self) -> PacketLimits:
         return PacketLimits(
@@ -85,3 +144,19 @@ class TxSettings(BaseSettings):
     )
     grpc_workers: int = Field(4, gt=0)
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    log_level: LogLevel = Field("info", description="log level; info logs one access line per request")
+    log_json: bool = Field(False, description="log one JSON object per line (for log shippers)")
+    metrics_port: int = Field(
+        8051, ge=0, le=65535, description="HTTP port of the Prometheus /metrics endpoint (0: any free port)"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return _sources(settings_cls, init_settings, dotenv_settings, file_secret_settings)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -33,3 +35,23 @@ def as_remote_error(exc: grpc.RpcError, peer: str) -> RemoteError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     return RemoteError(code, detail or "", peer)
+
+
+def port_is_taken(host: str, port: int) -> bool:
+    """Whether another socket listens on HOST:PORT (checked before gRPC binds, so that a taken port
+    gives our one-line error instead of gRPC's C-core log)."""
+    if port == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False  # gRPC reports an unresolvable host itself
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False

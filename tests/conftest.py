@@ -11,6 +11,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every Tx a test starts serves /metrics on a free port, never the fixed default (8051).
+os.environ.setdefault("SPLITVLM_TX_METRICS_PORT", "0")
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from shared.codecs.rate import RateController, RateTarget, usable_ladder
 from shared.config import TxSettings
 from shared.errors import BadRequestError, FingerprintMismatchError
 from shared.images import decode_image
+from shared.metrics import queued
 from shared.models.card import model_notice
 from shared.models.registry import model_fingerprint, resolve_model
 from shared.protocol import pb
@@ -48,6 +49,8 @@ class EncodedImage:
     payload: bytes
     timings_ms: dict[str, float]
     rate_control: str = ""  # rate control's note when it chose the codec
+    # The vision output's size before the codec, token reduction included (for ratios).
+    source_bytes: int = 0
 
 
 @dataclass
@@ -68,7 +71,7 @@ class TxEngine:
 
     @classmethod
     def load(cls, settings: TxSettings, rx: RxClient | None = None) -> TxEngine:
-        folder = resolve_model(settings.model, settings.cache_dir)
+        folder = resolve_model(settings.model, settings.cache_dir, tx_split=settings.split_point)
         engine = cls(
             settings=settings,
             half=load_tx_half(folder, settings.split_point),
@@ -157,7 +160,7 @@ class TxEngine:
             return self._encode_rate_controlled(image, target, request_id)
         codec = self.codec(codec_name)
         timings: dict[str, float] = {}
-        with self._encode_lock, torch.inference_mode():
+        with queued("tx", self._encode_lock), torch.inference_mode():
             t0 = time.perf_counter()
             inputs = self.half.preprocess([image])
             t1 = time.perf_counter()
@@ -166,6 +169,7 @@ class TxEngine:
             else:
                 features = self.half.encode(inputs)
             t2 = time.perf_counter()
+            source_bytes = features.features.numel() * features.features.element_size()
             decoded, features = features_for_codec(codec, features)
             payload = codec.encode(features.features, scores=features.scores)
             t3 = time.perf_counter()
@@ -186,18 +190,19 @@ class TxEngine:
             tx_codec_encode=(t3 - t2) * 1e3,
             tx_serialize=(t4 - t3) * 1e3,
         )
-        return EncodedImage(header=header, payload=payload, timings_ms=timings)
+        return EncodedImage(header=header, payload=payload, timings_ms=timings, source_bytes=source_bytes)
 
     def _encode_rate_controlled(
         self, image: Image.Image, target: RateTarget, request_id: str
     ) -> EncodedImage:
         rate = self.rate_controller()
-        with self._encode_lock, torch.inference_mode():
+        with queued("tx", self._encode_lock), torch.inference_mode():
             t0 = time.perf_counter()
             inputs = self.half.preprocess([image])
             t1 = time.perf_counter()
             features = self.half.encode(inputs)
             t2 = time.perf_counter()
+            source_bytes = features.features.numel() * features.features.element_size()
             choice = rate.choose(features.features, target)
             decoded, features = features_for_codec(choice.codec, features)
             t3 = time.perf_counter()
@@ -220,7 +225,11 @@ class TxEngine:
             "tx_serialize": (t4 - t3) * 1e3,
         }
         return EncodedImage(
-            header=header, payload=choice.payload, timings_ms=timings, rate_control=choice.note()
+            header=header,
+            payload=choice.payload,
+            timings_ms=timings,
+            rate_control=choice.note(),
+            source_bytes=source_bytes,
         )
 
     def ask(
@@ -268,11 +277,17 @@ class TxEngine:
             note = ""
             if rate_controlled and target is not None:
                 note = f"{target.describe()}: chose {header.codec_spec!r} ({len(cached.payload)} B; cached)"
-            encoded = EncodedImage(header=header, payload=cached.payload, timings_ms={}, rate_control=note)
+            encoded = EncodedImage(
+                header=header,
+                payload=cached.payload,
+                timings_ms={},
+                rate_control=note,
+                source_bytes=cached.source_bytes,
+            )
         else:
             image = decode_image(image_bytes, self.settings.max_image_bytes, self.settings.max_image_pixels)
             encoded = self.encode(image, codec_name, request_id, target)
-            self.cache.put(key, encoded.header, encoded.payload)
+            self.cache.put(key, encoded.header, encoded.payload, encoded.source_bytes)
         requests = self.rx.build_requests(encoded.header, encoded.payload, prompt, options)
         wire_bytes = sum(r.ByteSize() for r in requests)
         for chunk in self.rx.stream_requests(requests):
@@ -282,4 +297,6 @@ class TxEngine:
                 chunk.wire_bytes = wire_bytes
                 chunk.cache_hit = cached is not None
                 chunk.rate_control = encoded.rate_control
+                if encoded.source_bytes:  # the Rx only knows the decoded (maybe token-reduced) size
+                    chunk.feature_bytes = encoded.source_bytes
             yield chunk
