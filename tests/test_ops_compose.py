@@ -15,6 +15,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_SCHEMA = REPO.parent / "shared" / "schemas" / "compose-spec.json"
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.model.yml", "docker-compose.tls.yml"]
+ALL_COMPOSE_FILES = [*COMPOSE_FILES, "docker-compose.hub.yml"]
 
 
 def _compose(name: str) -> dict:
@@ -22,7 +23,7 @@ def _compose(name: str) -> dict:
 
 
 @pytest.mark.skipif(not COMPOSE_SCHEMA.is_file(), reason="../shared/schemas/compose-spec.json missing")
-@pytest.mark.parametrize("name", COMPOSE_FILES)
+@pytest.mark.parametrize("name", ALL_COMPOSE_FILES)
 def test_compose_files_validate_against_the_compose_spec(name: str) -> None:
     import jsonschema
 
@@ -66,6 +67,17 @@ def test_docker_compose_v1_config_accepts_the_files() -> None:
         assert svc["environment"][f"SPLITVLM_{role.upper()}_MODEL"] == "/models/model"
     assert services["rx"]["environment"]["SPLITVLM_RX_TLS_CERT"] == "/certs/rx.crt"
     assert services["tx"]["environment"]["SPLITVLM_TX_TLS_CA"] == "/certs/ca.crt"
+
+    hub = [binary, "-f", "docker-compose.yml", "-f", "docker-compose.hub.yml", "config"]
+    missing = subprocess.run(hub, cwd=REPO, capture_output=True, text=True, env=env)
+    assert missing.returncode != 0 and "SPLITVLM_HUB_MODEL" in missing.stderr  # says what to set
+    env["SPLITVLM_HUB_MODEL"] = "llava-hf/llava-1.5-7b-hf"
+    merged = subprocess.run(hub, cwd=REPO, capture_output=True, text=True, env=env)
+    assert merged.returncode == 0, merged.stderr
+    for role, svc in yaml.safe_load(merged.stdout)["services"].items():
+        assert svc["environment"][f"SPLITVLM_{role.upper()}_MODEL"] == "llava-hf/llava-1.5-7b-hf"
+        assert svc["environment"]["HF_HUB_OFFLINE"] == "0"
+        assert svc["environment"]["HF_HOME"].startswith("/cache/")
 
 
 def test_both_services_share_one_image_have_healthchecks_and_restart() -> None:
