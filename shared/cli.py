@@ -292,10 +292,14 @@ def health(
 def _container_role() -> str:
     """rx or tx from PID 1's command line (`splitvlm rx serve` / `splitvlm tx serve`)."""
     try:
-        argv = Path("/proc/1/cmdline").read_bytes().split(b"\0")
+        return role_from_cmdline(Path("/proc/1/cmdline").read_bytes())
     except OSError:
         return ""
-    words = [a.decode(errors="replace") for a in argv]
+
+
+def role_from_cmdline(raw: bytes) -> str:
+    """rx or tx from a NUL-separated command line such as ``python splitvlm rx serve``; "" if neither."""
+    words = [a.decode(errors="replace") for a in raw.split(b"\0")]
     for i, word in enumerate(words[:-1]):
         if word in ("rx", "tx") and words[i + 1] == "serve":
             return word

@@ -247,3 +247,11 @@ def test_piped_output_is_not_wrapped(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not console.is_terminal and console.width == PIPE_WIDTH
     console.print("word " * 60, markup=False)
     assert buffer.getvalue().count("\n") == 1
+
+
+def test_health_auto_reads_the_role_from_the_container_command() -> None:
+    from shared.cli import role_from_cmdline
+
+    assert role_from_cmdline(b"/usr/local/bin/python3.11\0/usr/local/bin/splitvlm\0tx\0serve\0") == "tx"
+    assert role_from_cmdline(b"splitvlm\0rx\0serve\0--grpc-port\0001\0") == "rx"
+    assert role_from_cmdline(b"splitvlm\0demo\0") == ""
