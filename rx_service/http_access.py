@@ -39,6 +39,22 @@ class AccessLog:
             bytes_in += len(message.get("body", b""))
             return message
 
+        logged = False
+
+        def log_line() -> None:
+            nonlocal logged
+            logged = True
+            log_access(
+                "rx",
+                f"{scope.get('method', '')} {scope.get('path', '')}",
+                str(status or 500),
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                ms=(time.perf_counter() - started) * 1e3,
+                request_id=request_id,
+                ttft_ms=None if first_body is None else first_body * 1e3,
+            )
+
         async def counting_send(message: Message) -> None:
             nonlocal status, bytes_out, first_body
             if message["type"] == "http.response.start":
@@ -50,6 +66,8 @@ class AccessLog:
                 if body and first_body is None:
                     first_body = time.perf_counter() - started
                 bytes_out += len(body)
+                if not message.get("more_body", False):
+                    log_line()  # before the last bytes leave: the line exists when the client has them
             await send(message)
 
         IN_FLIGHT.labels("rx").inc()
@@ -57,13 +75,5 @@ class AccessLog:
             await self.app(scope, counting_receive, counting_send)
         finally:
             IN_FLIGHT.labels("rx").dec()
-            log_access(
-                "rx",
-                f"{scope.get('method', '')} {scope.get('path', '')}",
-                str(status or 500),
-                bytes_in=bytes_in,
-                bytes_out=bytes_out,
-                ms=(time.perf_counter() - started) * 1e3,
-                request_id=request_id,
-                ttft_ms=None if first_body is None else first_body * 1e3,
-            )
+            if not logged:  # the app failed, or the client left before the end
+                log_line()
