@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared import __version__
-from shared.cli_settings import SETTING_FLAGS, build_settings, default_help, settings_rows
+from shared.cli_settings import SETTING_FLAGS, build_settings, check_codecs, default_help, settings_rows
 from shared.config import DEFAULT_MODEL
 from shared.errors import SplitVlmError
 from shared.logs import setup_logging
@@ -166,6 +166,7 @@ def rx_serve(
             log_json=log_json,
         )
     )
+    _or_exit(lambda: check_codecs("rx", settings))
     setup_logging(settings.log_level, settings.log_json)
     with err_console.status(f"loading {settings.model} (Rx half)"):
         running = _or_exit(lambda: start_rx(settings))
@@ -224,6 +225,7 @@ def tx_serve(
             log_json=log_json,
         )
     )
+    _or_exit(lambda: check_codecs("tx", settings))
     setup_logging(settings.log_level, settings.log_json)
     with err_console.status(f"loading {settings.model} (Tx half)"):
         running = _or_exit(lambda: start_tx(settings))

@@ -157,3 +157,21 @@ def settings_rows(role: str, settings: BaseModel) -> list[tuple[str, str, str, s
             )
         )
     return rows
+
+
+def check_codecs(role: str, settings: Any) -> None:
+    """Refuse a bad codec setting before the model loads (the engines check again, with artifacts)."""
+    from shared.codecs import build_codec
+    from shared.errors import CodecError
+
+    name = "codecs" if role == "rx" else "codec"
+    specs = settings.codecs if role == "rx" else [settings.codec]
+    if settings.codec_artifacts:
+        return  # calibrated specs need their artifacts: the engine checks them after loading
+    for spec in specs:
+        try:
+            build_codec(spec)
+        except CodecError as exc:
+            raise SettingError(
+                f"invalid codec {spec!r} in {env_var(role, name)} / {SETTING_FLAGS[role][name]}: {exc}"
+            ) from None

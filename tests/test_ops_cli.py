@@ -56,6 +56,12 @@ def _no_model_loads(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> None:
         ({"SPLITVLM_TX_LOG_LEVEL": "loud"}, ["tx", "serve"], ["SPLITVLM_TX_LOG_LEVEL", "'info'"]),
         ({"SPLITVLM_TX_METRICS_PORT": "-1"}, ["tx", "serve"], ["SPLITVLM_TX_METRICS_PORT", "--metrics-port"]),
         (
+            {"SPLITVLM_RX_CODECS": "int8,nope"},
+            ["rx", "serve"],
+            ["SPLITVLM_RX_CODECS", "'nope'", "valid stages"],
+        ),
+        ({}, ["tx", "serve", "--codec", "linear:bits=99"], ["--codec", "bits must be"]),
+        (
             {"SPLITVLM_RX_TLS_CERT": "/certs/rx.crt"},
             ["rx", "serve"],
             ["unknown rx setting SPLITVLM_RX_TLS_CERT"],
