@@ -202,3 +202,29 @@ def test_online_hub_id_is_fetched_for_the_tx_part_only(
     folder = registry.resolve_model(REPO_ID, tmp_path, tx_split=SplitPoint.AFTER_VISION_TOWER)
     assert folder == hub.snapshot
     assert [f for f in hub.downloaded if f.endswith(".safetensors")] == ["model-00001-of-00003.safetensors"]
+
+
+def test_hf_hub_lists_sizes_and_lfs_digests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`HfHub` reads names, sizes and LFS sha256 from huggingface_hub's model info (no network)."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
+
+    from shared.models.hub import HfHub
+
+    siblings = [
+        RepoSibling("config.json", size=512),
+        RepoSibling("model-00001-of-00002.safetensors", size=10, lfs=BlobLfsInfo(10, "ab" * 32, 134)),
+    ]
+    monkeypatch.setattr(
+        HfApi,
+        "model_info",
+        lambda self, repo, files_metadata: SimpleNamespace(sha="c0ffee", siblings=siblings),
+    )
+    revision, files = HfHub().list_files(REPO_ID)
+    assert revision == "c0ffee"
+    assert files == [
+        RemoteFile("config.json", 512, ""),
+        RemoteFile("model-00001-of-00002.safetensors", 10, "ab" * 32),
+    ]
