@@ -102,13 +102,13 @@ def test_tx_serves_metrics_and_both_count_requests_tokens_ttft_and_cache(
     tx: Any, rx: Any, images: list
 ) -> None:
     assert tx.metrics is not None and tx.metrics_url
-    before = httpx.get(tx.metrics_url).text
+    before = httpx.get(tx.metrics_url, timeout=60).text
     with TxClient(tx.address) as client:
         client.ask(images[1], "Again?", codec="fp16", max_new_tokens=3)
         again = client.ask(images[1], "Again?", codec="fp16", max_new_tokens=3)
     assert again.cache_hit
-    after = httpx.get(tx.metrics_url).text
-    rx_metrics = httpx.get(f"{rx.http_url}/metrics").text
+    after = httpx.get(tx.metrics_url, timeout=60).text
+    rx_metrics = httpx.get(f"{rx.http_url}/metrics", timeout=60).text
     for text in (after, rx_metrics):  # one process: the same registry behind both endpoints
         assert "splitvlm_queue_depth" in text and "splitvlm_requests_in_flight" in text
 
@@ -126,7 +126,7 @@ def test_tx_serves_metrics_and_both_count_requests_tokens_ttft_and_cache(
 
 def test_rx_http_requests_get_an_id_and_an_access_line(rx: Any, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
-        resp = httpx.get(f"{rx.http_url}/v1/info", headers={"X-Request-Id": "http-ops-1"})
+        resp = httpx.get(f"{rx.http_url}/v1/info", headers={"X-Request-Id": "http-ops-1"}, timeout=60)
     assert resp.headers["x-request-id"] == "http-ops-1"
     (record,) = [r for r in caplog.records if getattr(r, "request_id", "") == "http-ops-1"]
     fields: Any = record
@@ -137,14 +137,14 @@ def test_rx_http_requests_get_an_id_and_an_access_line(rx: Any, caplog: pytest.L
 
 def test_docs_load_nothing_from_outside(rx: Any) -> None:
     for page in ("/docs", "/redoc"):
-        html = httpx.get(rx.http_url + page).text
+        html = httpx.get(rx.http_url + page, timeout=60).text
         urls = re.findall(r'(?:src|href)="([^"]+)"', html)
         assert urls, html
         assert not [u for u in urls if re.match(r"(https?:)?//", u)], urls
         scripts = [u for u in urls if u.endswith(".js")]
         assert scripts
         for url in scripts:
-            resp = httpx.get(rx.http_url + url)
+            resp = httpx.get(rx.http_url + url, timeout=60)
             assert resp.status_code == 200 and "javascript" in resp.headers["content-type"]
             assert len(resp.content) > 100_000  # the real bundle, not a placeholder
-    assert httpx.get(rx.http_url + "/openapi.json").json()["info"]["title"] == "splitvlm Rx"
+    assert httpx.get(rx.http_url + "/openapi.json", timeout=60).json()["info"]["title"] == "splitvlm Rx"
