@@ -216,7 +216,7 @@ def test_ask_streams_the_answer_to_stdout_and_the_rest_to_stderr(
 
 def test_health_probe(rx: Any, tx: Any, capsys: pytest.CaptureFixture[str]) -> None:
     for role, address in (("rx", rx.grpc_address), ("tx", tx.address)):
-        code, out, _ = _run(["health", role, "--address", address], capsys)
+        code, out, _ = _run(["health", role, "--address", address, "--timeout-s", "60"], capsys)
         assert code == 0 and out.startswith(f"{role} {address} ok:")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
