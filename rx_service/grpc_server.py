@@ -9,6 +9,7 @@ from concurrent import futures
 
 import grpc
 
+from rx_service import streams
 from rx_service.engine import RxEngine
 from shared.errors import PacketError, SplitVlmError
 from shared.metrics import LATENCY, PAYLOAD_BYTES, REQUESTS
@@ -54,6 +55,15 @@ class RxServicer(pb_grpc.RxServiceServicer):
             context.abort(exc.grpc_code, str(exc))
         finally:
             LATENCY.labels("rx", "Generate").observe(time.perf_counter() - started)
+
+    # ---- push mode and stored features (rx_service/streams.py) ----
+    def Publish(
+        self, request_iterator: Iterator[pb.PublishRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.PublishAck]:
+        yield from streams.grpc_publish(self.engine, request_iterator, context)
+
+    def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> Iterator[pb.TextChunk]:
+        yield from streams.grpc_query(self.engine, request, context)
 
 
 def _collect_payload(request_iterator: Iterator[pb.GenerateRequest], declared: int) -> bytes:
