@@ -11,6 +11,7 @@ from shared.config import TxSettings
 from shared.errors import RemoteError
 from tx_service.engine import TxEngine
 from tx_service.grpc_server import create_grpc_server
+from tx_service.http_app import HttpServer, start_http
 
 log = logging.getLogger("splitvlm.tx")
 
@@ -20,12 +21,19 @@ class RunningTx:
     engine: TxEngine
     grpc_server: grpc.Server
     port: int
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP API, when settings.http_enabled
 
     @property
     def address(self) -> str:
         return f"{self.engine.settings.host}:{self.port}"
 
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.engine.settings.host}:{self.http.port}" if self.http else ""
+
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.grpc_server.stop(grace=1).wait()
         self.engine.rx.close()
 
@@ -52,4 +60,7 @@ def start_tx(settings: TxSettings, engine: TxEngine | None = None, require_rx: b
     server, port = create_grpc_server(engine, settings.host, settings.port, settings.grpc_workers)
     server.start()
     log.info("Tx serving %s on %s:%d, Rx %s", engine.model_id, settings.host, port, settings.rx_address)
-    return RunningTx(engine=engine, grpc_server=server, port=port)
+    running = RunningTx(engine=engine, grpc_server=server, port=port)
+    if settings.http_enabled:
+        running.http = start_http(engine, settings.host, settings.http_port)
+    return running
