@@ -605,7 +605,7 @@ def tx_stream(
         except KeyboardInterrupt:
             streamer.stop()
             stats = streamer.stats
-        console.print(stats.line(), markup=False, highlight=False)
+        console.print(stats.line(), markup=False, highlight=False, soft_wrap=True)
 
     _or_exit(run)
 
