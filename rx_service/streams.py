@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterator
 
@@ -110,11 +111,31 @@ def publish(engine: RxEngine, requests: Iterator[pb.PublishRequest]) -> Iterator
 # ---- gRPC handlers (RxService.Publish, RxService.Query) -------------------------------------
 
 
+_publish_slots: dict[int, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def _slots(engine: RxEngine) -> threading.BoundedSemaphore:
+    """One semaphore per engine: a Publish stream holds a gRPC worker for its whole life."""
+    with _slots_lock:
+        return _publish_slots.setdefault(
+            id(engine.settings), threading.BoundedSemaphore(engine.settings.max_publish_streams)
+        )
+
+
 def grpc_publish(
     engine: RxEngine, requests: Iterator[pb.PublishRequest], context: grpc.ServicerContext
 ) -> Iterator[pb.PublishAck]:
     started = time.perf_counter()
     frames = 0
+    slots = _slots(engine)
+    if not slots.acquire(blocking=False):
+        REQUESTS.labels("rx", "Publish", "RESOURCE_EXHAUSTED").inc()
+        context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"this Rx already serves {engine.settings.max_publish_streams} Publish streams "
+            "(SPLITVLM_RX_MAX_PUBLISH_STREAMS); retry later",
+        )
     try:
         for ack in publish(engine, requests):
             frames += 1
@@ -125,6 +146,7 @@ def grpc_publish(
         log.info("ended Publish after %d frames: %s", frames, exc)
         context.abort(exc.grpc_code, str(exc))
     finally:
+        slots.release()
         LATENCY.labels("rx", "Publish").observe(time.perf_counter() - started)
 
 

@@ -79,6 +79,13 @@ class RxSettings(BaseSettings):
         "(SPLITVLM_RX_KV_CACHE_BYTES)",
     )
 
+    max_publish_streams: int = Field(
+        2,
+        gt=0,
+        description="Publish streams served at once; each holds a gRPC worker, so keep it under "
+        "grpc_workers (SPLITVLM_RX_MAX_PUBLISH_STREAMS)",
+    )
+
     def packet_limits(self) -> PacketLimits:
         return PacketLimits(
             max_packet_bytes=self.max_packet_bytes,

@@ -215,3 +215,39 @@ def test_tx_stream_cli_reports_counts(rx: Any, frame_dir: Path, tmp_path: Path) 
     assert "captured 5" in result.output and "acknowledged" in result.output
     latest = rx.engine.store.latest("cam-cli")
     assert latest is not None and latest.frame.sequence == 4
+
+
+def test_publish_streams_are_bounded_and_generate_keeps_serving(rx: Any, tx: Any) -> None:
+    """Each Publish stream holds a gRPC worker: past max_publish_streams they are refused, so
+    idle publishers cannot take every worker from Generate."""
+    from rx_service.client import RxClient
+    from shared.split import GenerationOptions
+
+    release = threading.Event()
+
+    def idle() -> Iterator[pb.PublishRequest]:
+        release.wait(timeout=60)
+        return
+        yield  # a generator that sends nothing until released
+
+    channel = open_channel(rx.grpc_address)
+    stub = pb_grpc.RxServiceStub(channel)
+    limit = rx.engine.settings.max_publish_streams
+    calls = [stub.Publish(idle(), timeout=60) for _ in range(limit)]
+    try:
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Publish(idle(), timeout=30))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Publish streams" in (info.value.details() or "")
+        encoded = tx.engine.encode(_frame(3), "int8")
+        with RxClient(rx.grpc_address) as client:
+            answer = client.generate(
+                encoded.header, encoded.payload, "hi", GenerationOptions(max_new_tokens=2)
+            )
+        assert answer.token_ids
+    finally:
+        release.set()
+        for call in calls:
+            list(call)
+        channel.close()

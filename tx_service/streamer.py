@@ -169,7 +169,10 @@ class FrameStreamer:
                     FRAMES.labels("acked").inc()
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-                if code not in _RETRYABLE:
+                busy = code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Publish streams" in (
+                    exc.details() or ""
+                )
+                if code not in _RETRYABLE and not busy:
                     self.error = RemoteError(code, exc.details() or "", f"rx {self.rx_address}")
                     log.error("stream %s refused: %s", self.stream_id, self.error)
                     with self._cond:

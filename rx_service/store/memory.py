@@ -41,7 +41,8 @@ class MemoryFeatureStore(FeatureStore):
         self.max_bytes = max_bytes
         self.ttl_ms = int(ttl_s * 1000)
         self.frames_per_stream = frames_per_stream
-        self._entries: OrderedDict[str, StoredPacket] = OrderedDict()
+        self._entries: OrderedDict[str, StoredPacket] = OrderedDict()  # least recently used first
+        self._by_age: OrderedDict[str, int] = OrderedDict()  # id -> stored time, oldest first
         self._streams: dict[str, _Stream] = {}
         self._bytes = 0
         self._evicted = 0
@@ -55,6 +56,7 @@ class MemoryFeatureStore(FeatureStore):
             self._drop(fid)
             if len(packet) <= self.max_bytes:
                 self._entries[fid] = entry
+                self._by_age[fid] = now
                 self._bytes += len(packet)
             if frame is not None:
                 stream = self._streams.setdefault(frame.stream_id, _Stream())
@@ -124,6 +126,7 @@ class MemoryFeatureStore(FeatureStore):
     # ---- under the lock ----------------------------------------------------
     def _drop(self, fid: str) -> None:
         old = self._entries.pop(fid, None)
+        self._by_age.pop(fid, None)
         if old is not None:
             self._bytes -= len(old.packet)
 
@@ -136,9 +139,10 @@ class MemoryFeatureStore(FeatureStore):
     def _expire(self, now: int) -> None:
         if self.ttl_ms <= 0:
             return
-        # LRU order is not age order, so scan; the store holds few enough entries for that.
-        stale = [fid for fid, e in self._entries.items() if now - e.stored_unix_ms > self.ttl_ms]
-        for fid in stale:
+        while self._by_age:
+            fid, stored = next(iter(self._by_age.items()))
+            if now - stored <= self.ttl_ms:
+                break
             self._evict(fid)
         for sid, stream in list(self._streams.items()):
             if stream.latest is not None and now - stream.latest.stored_unix_ms > self.ttl_ms:
