@@ -557,7 +557,10 @@ def encode_cmd(
 @tx_app.command("stream")
 def tx_stream(
     source: Annotated[
-        Path, typer.Option(help="Folder of images (name order), or a multi-frame GIF/APNG/TIFF.", exists=True)
+        Path,
+        typer.Option(
+            help="Folder of images (name order), video file, /dev/videoN, or GIF/APNG/TIFF.", exists=True
+        ),
     ],
     stream_id: Annotated[str, typer.Option(help="Stream id on the Rx, e.g. cam1.")],
     rx: Annotated[str | None, typer.Option(help="HOST:PORT of the Rx gRPC server.")] = None,

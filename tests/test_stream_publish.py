@@ -251,3 +251,25 @@ def test_publish_streams_are_bounded_and_generate_keeps_serving(rx: Any, tx: Any
         for call in calls:
             list(call)
         channel.close()
+
+
+def test_video_file_source(rx: Any, tx: Any, tmp_path: Path) -> None:
+    av = pytest.importorskip("av", reason="PyAV (the video extra) is not installed")
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(12):
+            frame = av.VideoFrame.from_image(_frame(i).resize((64, 48)))
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    frames = list(frames_from(clip))
+    assert len(frames) == 12 and frames[0].size == (64, 48)
+    stats = FrameStreamer(tx.engine, "cam-video", rx_address=rx.grpc_address).run(iter(frames))
+    assert stats.captured == 12 and stats.acked + stats.dropped == 12 and 11 in stats.feature_ids
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    from shared.errors import BadRequestError
+
+    with pytest.raises(BadRequestError, match="cannot open video source"):
+        list(frames_from(broken))

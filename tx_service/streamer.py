@@ -1,6 +1,6 @@
 """Push mode: a camera-side stream of feature packets to the Rx over one long-lived Publish call.
 
-    frames (folder, GIF/APNG/TIFF) ─► paced at --fps ─► encode ─► [pending: 1 slot] ─► window ─► Publish ─► Rx
+    frames (folder, video, camera) ─► paced at --fps ─► encode ─► [pending: 1 slot] ─► window ─► Publish ─► Rx
                                                                    newest wins:           ≤ W frames sent,
                                                                    a frame not yet sent   not acknowledged
                                                                    is replaced (dropped)
@@ -37,11 +37,19 @@ log = logging.getLogger("splitvlm.tx")
 FRAMES = Counter("splitvlm_stream_frames_total", "Push-mode frames, by outcome", ["outcome"])
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm"}
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
 def frames_from(source: Path) -> Iterator[Image.Image]:
-    """A folder's images in name order, or the frames of a multi-frame image file (GIF, APNG, TIFF)."""
+    """A folder's images in name order, a video file's frames (PyAV), a V4L2 camera (/dev/videoN),
+    or the frames of a multi-frame image file (GIF, APNG, TIFF)."""
+    if str(source).startswith("/dev/video"):
+        yield from _video_frames(str(source), "v4l2")
+        return
+    if source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES:
+        yield from _video_frames(str(source), None)
+        return
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -55,6 +63,25 @@ def frames_from(source: Path) -> Iterator[Image.Image]:
     with Image.open(source) as img:
         for frame in ImageSequence.Iterator(img):
             yield frame.convert("RGB")
+
+
+def _video_frames(source: str, container_format: str | None) -> Iterator[Image.Image]:
+    try:
+        import av
+    except ImportError:
+        raise BadRequestError(f"reading {source} needs PyAV: pip install 'splitvlm[video]'") from None
+    try:
+        container = av.open(source, format=container_format)
+    except (av.FFmpegError, OSError) as exc:
+        raise BadRequestError(f"cannot open video source {source}: {exc}") from None
+    with container:
+        if not container.streams.video:
+            raise BadRequestError(f"{source} has no video stream")
+        try:
+            for frame in container.decode(video=0):
+                yield frame.to_image().convert("RGB")
+        except av.FFmpegError as exc:
+            raise BadRequestError(f"video source {source} failed to decode: {exc}") from None
 
 
 @dataclass
