@@ -12,9 +12,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from rx_service.context import check_context, prompt_tokens
 from shared import __version__
 from shared.codecs import Codec, build_codec
 from shared.codecs.calibrate import build_codec_with, load_artifacts
@@ -59,6 +61,9 @@ class RxEngine:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     # Folded first-layer decoders (pca, sparse) by codec fingerprint (settings.fold_decoder).
     _fold_cache: FoldCache | None = None
+    # Stored packets (uploads, Publish streams) and the image-prefix KV cache (rx_service/streams.py).
+    store: Any = None  # rx_service.store.FeatureStore
+    kv_cache: Any = None  # rx_service.prefix_cache.PrefixKVCache
 
     @classmethod
     def load(cls, settings: RxSettings) -> RxEngine:
@@ -80,6 +85,11 @@ class RxEngine:
         for spec, artifact in engine.artifacts.items():
             codec = build_codec(spec, artifact=artifact)
             engine.codecs[codec.fingerprint] = codec
+        from rx_service.prefix_cache import PrefixKVCache
+        from rx_service.store import open_store
+
+        engine.store = open_store(settings)
+        engine.kv_cache = PrefixKVCache(settings.kv_cache_bytes, engine.fingerprint)
         return engine
 
     # ---- info -------------------------------------------------------------
@@ -169,8 +179,12 @@ class RxEngine:
         payload: bytes,
         prompt: str,
         options: GenerationOptions,
+        feature_id: str = "",
     ) -> Iterator[pb.TextChunk]:
-        """Verify and decode the payload, then stream text chunks; the last one has `done`."""
+        """Verify and decode the payload, then stream text chunks; the last one has `done`.
+
+        `feature_id` (stored features) keys the image-prefix KV cache and is echoed on the last chunk.
+        """
         codec = self.check_header(header)
         self.check_request(prompt, options)
         verify_payload(header, payload)
@@ -181,7 +195,13 @@ class RxEngine:
         else:
             features = features_from_payload(header, payload, codec)
             timings = {"rx_codec_decode": (time.perf_counter() - t0) * 1e3}
-        yield from self._stream(prompt, features, options, header, timings)
+        n_prompt = prompt_tokens(self.half, prompt, features)
+        check_context(self.half, n_prompt, options)
+        for chunk in self._stream(prompt, features, options, header, timings, feature_id):
+            if chunk.done:
+                chunk.prompt_tokens = n_prompt
+                chunk.feature_id = feature_id
+            yield chunk
 
     def _folded_features(
         self, header: pb.FeatureHeader, payload: bytes, codec: Codec
@@ -211,6 +231,7 @@ class RxEngine:
         options: GenerationOptions,
         header: pb.FeatureHeader,
         timings: dict[str, float],
+        feature_id: str = "",
     ) -> Iterator[pb.TextChunk]:
         events: queue.Queue[tuple[str, object]] = queue.Queue()
         cancelled = threading.Event()
@@ -227,7 +248,10 @@ class RxEngine:
                 with queued("rx", self._lock):
                     start = time.perf_counter()
                     token_times.append(start)
-                    self.half.generate(prompt, features, options, on_token=on_token)
+                    if feature_id and self.kv_cache is not None and self.kv_cache.enabled:
+                        self.kv_cache.generate(self.half, feature_id, prompt, features, options, on_token)
+                    else:
+                        self.half.generate(prompt, features, options, on_token=on_token)
                 events.put(("end", None))
             except _Cancelled:
                 events.put(("end", None))

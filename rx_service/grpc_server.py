@@ -9,6 +9,7 @@ from concurrent import futures
 
 import grpc
 
+from rx_service import streams
 from rx_service.engine import RxEngine
 from shared.errors import PacketError, SplitVlmError, port_in_use
 from shared.grpc_util import port_is_taken
@@ -97,6 +98,15 @@ class RxServicer(pb_grpc.RxServiceServicer):
                 ttft_ms=None if ttft is None else ttft * 1e3,
                 tokens=tokens,
             )
+
+    # ---- push mode and stored features (rx_service/streams.py) ----
+    def Publish(
+        self, request_iterator: Iterator[pb.PublishRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.PublishAck]:
+        yield from streams.grpc_publish(self.engine, request_iterator, context)
+
+    def Query(self, request: pb.QueryRequest, context: grpc.ServicerContext) -> Iterator[pb.TextChunk]:
+        yield from streams.grpc_query(self.engine, request, context)
 
 
 def _collect_payload(request_iterator: Iterator[pb.GenerateRequest], declared: int) -> bytes:

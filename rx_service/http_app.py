@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rx_service.engine import RxEngine
 from rx_service.http_access import AccessLog
+from rx_service.openai_api import openai_router
 from shared import __version__
 from shared.errors import BadRequestError, PacketError, PacketTooLargeError, SplitVlmError
 from shared.metrics import PAYLOAD_BYTES, REQUESTS, TOKENS, TTFT
@@ -157,6 +158,7 @@ def create_app(engine: RxEngine) -> FastAPI:
         REQUESTS.labels("rx", "/v1/generate", "200").inc()
         return JSONResponse(_summarize([first, *rest]))
 
+    app.include_router(openai_router(engine))  # /v1/chat/completions, /v1/models, /v1/features, /v1/streams
     return app
 
 

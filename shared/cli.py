@@ -759,6 +759,100 @@ def _wide_help() -> None:
         rich_utils.MAX_WIDTH = PIPE_WIDTH
 
 
+# ---- issue 13: packets for curl users, and push mode ----------------------------------------
+
+
+@app.command("encode")
+def encode_cmd(
+    image: Annotated[Path, typer.Argument(help="Image file.", exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option(help="Where to write the serialized FeaturePacket.")] = Path("pkt.bin"),
+    model: ModelOpt = None,
+    codec: Annotated[str | None, typer.Option(help="Codec preset or spec [default: the Tx's, int8].")] = None,
+    split: SplitOpt = None,
+    codec_artifact: ArtifactOpt = None,
+) -> None:
+    """Encode an image into a FeaturePacket file (vision half only, no Rx needed), for
+    `curl -F packet=@pkt.bin -F prompt=... http://RX:8061/v1/generate` or POST /v1/features."""
+    from tx_service.engine import TxEngine
+    from tx_service.openai_api import encode_image
+
+    def run() -> None:
+        settings = _settings(
+            TxSettings, model=model, codec=codec, split_point=split, codec_artifacts=codec_artifact or None
+        )
+        with console.status(f"loading {settings.model} (Tx half)"):
+            engine = TxEngine.load(settings)
+        data, header = encode_image(engine, image.read_bytes(), codec or "")
+        out.write_bytes(data)
+        console.print(
+            f"wrote {out}: {len(data):,} B packet, payload {header.payload_size:,} B "
+            f"(codec {header.codec_spec})",
+            markup=False,
+            highlight=False,
+        )
+
+    _or_exit(run)
+
+
+@tx_app.command("stream")
+def tx_stream(
+    source: Annotated[
+        Path,
+        typer.Option(
+            help="Folder of images (name order), video file, /dev/videoN, or GIF/APNG/TIFF.", exists=True
+        ),
+    ],
+    stream_id: Annotated[str, typer.Option(help="Stream id on the Rx, e.g. cam1.")],
+    rx: Annotated[str | None, typer.Option(help="HOST:PORT of the Rx gRPC server.")] = None,
+    fps: Annotated[
+        float | None, typer.Option(min=0.01, help="Frame rate [default: as fast as encoding].")
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option(min=1, help="Frames sent and not yet acknowledged, at most [default: 4].")
+    ] = None,
+    loop: Annotated[bool, typer.Option(help="Start the source again when it ends (until Ctrl-C).")] = False,
+    model: ModelOpt = None,
+    codec: Annotated[str | None, typer.Option(help="Codec preset or spec [default: int8].")] = None,
+    split: SplitOpt = None,
+    codec_artifact: ArtifactOpt = None,
+) -> None:
+    """Push a stream of frames to the Rx (Publish): newest frame wins when the uplink is slow,
+    drops are counted, and the stream reconnects with backoff when the Rx restarts."""
+    import itertools
+
+    from rx_service.store.base import check_stream_id
+    from tx_service.engine import TxEngine
+    from tx_service.streamer import FrameStreamer, frames_from
+
+    def run() -> None:
+        check_stream_id(stream_id)
+        settings = _settings(
+            TxSettings,
+            rx_address=rx,
+            model=model,
+            codec=codec,
+            split_point=split,
+            codec_artifacts=codec_artifact or None,
+        )
+        with console.status(f"loading {settings.model} (Tx half)"):
+            engine = TxEngine.load(settings)
+        frames = (
+            itertools.chain.from_iterable(frames_from(source) for _ in itertools.count())
+            if loop
+            else frames_from(source)
+        )
+        streamer = FrameStreamer(engine, stream_id, window=window, fps=fps)
+        console.print(f"streaming {source} as {stream_id!r} to Rx {settings.rx_address}", markup=False)
+        try:
+            stats = streamer.run(frames)
+        except KeyboardInterrupt:
+            streamer.stop()
+            stats = streamer.stats
+        console.print(stats.line(), markup=False, highlight=False, soft_wrap=True)
+
+    _or_exit(run)
+
+
 def main() -> None:
     """Entry point: usage errors too are one line on stderr (exit 2), never a box or a traceback."""
     if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):

@@ -108,6 +108,41 @@ class RxSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return _sources(settings_cls, init_settings, dotenv_settings, file_secret_settings)
+    # ---- feature store, push mode and stored-feature queries (issue 13) ----
+    store: Literal["memory", "redis"] = Field(
+        "memory", description="feature store backend (SPLITVLM_RX_STORE): memory (one process) or redis"
+    )
+    store_redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL for store=redis (SPLITVLM_RX_STORE_REDIS_URL); bound its memory on the "
+        "server: maxmemory + maxmemory-policy allkeys-lru",
+    )
+    store_max_bytes: int = Field(
+        256 * 2**20,
+        gt=0,
+        description="memory store: bound of stored packets, LRU (SPLITVLM_RX_STORE_MAX_BYTES)",
+    )
+    store_ttl_s: float = Field(
+        3600.0,
+        ge=0,
+        description="stored packets expire after this many seconds; 0 never (SPLITVLM_RX_STORE_TTL_S)",
+    )
+    store_frames_per_stream: int = Field(
+        64, gt=0, description="last N frames kept per stream (SPLITVLM_RX_STORE_FRAMES_PER_STREAM)"
+    )
+    kv_cache_bytes: int = Field(
+        256 * 2**20,
+        ge=0,
+        description="bound of the image-prefix KV cache for questions about stored features; 0 disables "
+        "(SPLITVLM_RX_KV_CACHE_BYTES)",
+    )
+
+    max_publish_streams: int = Field(
+        2,
+        gt=0,
+        description="Publish streams served at once; each holds a gRPC worker, so keep it under "
+        "grpc_workers (SPLITVLM_RX_MAX_PUBLISH_STREAMS)",
+    )
 
     def packet_limits(self) -> PacketLimits:
         return PacketLimits(
@@ -160,3 +195,18 @@ class TxSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return _sources(settings_cls, init_settings, dotenv_settings, file_secret_settings)
+    # ---- edge HTTP (OpenAI-compatible) and push mode (issue 13) ----
+    http_enabled: bool = Field(
+        False, description="serve the OpenAI-compatible HTTP API (SPLITVLM_TX_HTTP_ENABLED); off by default"
+    )
+    http_port: int = Field(8052, ge=0, le=65535, description="HTTP API port (SPLITVLM_TX_HTTP_PORT)")
+    http_file_roots: list[Path] = Field(
+        default_factory=list,
+        description="folders whose images `file://` URLs may name (SPLITVLM_TX_HTTP_FILE_ROOTS, JSON list); "
+        "empty refuses file:// URLs",
+    )
+    stream_window: int = Field(
+        4,
+        gt=0,
+        description="push mode: most frames sent and not yet acknowledged (SPLITVLM_TX_STREAM_WINDOW)",
+    )

@@ -14,6 +14,7 @@ from shared.grpc_util import port_is_taken
 from shared.metrics import MetricsServer, serve_metrics
 from tx_service.engine import TxEngine
 from tx_service.grpc_server import create_grpc_server
+from tx_service.http_app import HttpServer, start_http
 
 log = logging.getLogger("splitvlm.tx")
 
@@ -24,6 +25,7 @@ class RunningTx:
     grpc_server: grpc.Server
     port: int
     metrics: MetricsServer | None = None
+    http: HttpServer | None = None  # the OpenAI-compatible HTTP API, when settings.http_enabled
 
     @property
     def address(self) -> str:
@@ -33,7 +35,13 @@ class RunningTx:
     def metrics_url(self) -> str:
         return f"http://{self.engine.settings.host}:{self.metrics.port}/metrics" if self.metrics else ""
 
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.engine.settings.host}:{self.http.port}" if self.http else ""
+
     def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         self.grpc_server.stop(grace=1).wait()
         if self.metrics is not None:
             self.metrics.stop()
@@ -82,4 +90,7 @@ def start_tx(
             raise
     server.start()
     log.info("Tx serving %s on %s:%d, Rx %s", engine.model_id, settings.host, port, settings.rx_address)
-    return RunningTx(engine=engine, grpc_server=server, port=port, metrics=metrics_server)
+    running = RunningTx(engine=engine, grpc_server=server, port=port, metrics=metrics_server)
+    if settings.http_enabled:
+        running.http = start_http(engine, settings.host, settings.http_port)
+    return running
