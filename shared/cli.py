@@ -766,9 +766,9 @@ def _wide_help() -> None:
 def encode_cmd(
     image: Annotated[Path, typer.Argument(help="Image file.", exists=True, dir_okay=False)],
     out: Annotated[Path, typer.Option(help="Where to write the serialized FeaturePacket.")] = Path("pkt.bin"),
-    model: ModelOpt = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     codec: Annotated[str | None, typer.Option(help="Codec preset or spec [default: the Tx's, int8].")] = None,
-    split: SplitOpt = None,
+    split: Annotated[SplitPoint | None, typer.Option(help=SPLIT_HELP)] = None,
     codec_artifact: ArtifactOpt = None,
 ) -> None:
     """Encode an image into a FeaturePacket file (vision half only, no Rx needed), for
@@ -777,10 +777,10 @@ def encode_cmd(
     from tx_service.openai_api import encode_image
 
     def run() -> None:
-        settings = _settings(
-            TxSettings, model=model, codec=codec, split_point=split, codec_artifacts=codec_artifact or None
+        settings: Any = build_settings(
+            "tx", model=model, codec=codec, split_point=split, codec_artifacts=codec_artifact or None
         )
-        with console.status(f"loading {settings.model} (Tx half)"):
+        with err_console.status(f"loading {settings.model} (Tx half)"):
             engine = TxEngine.load(settings)
         data, header = encode_image(engine, image.read_bytes(), codec or "")
         out.write_bytes(data)
@@ -811,9 +811,9 @@ def tx_stream(
         int | None, typer.Option(min=1, help="Frames sent and not yet acknowledged, at most [default: 4].")
     ] = None,
     loop: Annotated[bool, typer.Option(help="Start the source again when it ends (until Ctrl-C).")] = False,
-    model: ModelOpt = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     codec: Annotated[str | None, typer.Option(help="Codec preset or spec [default: int8].")] = None,
-    split: SplitOpt = None,
+    split: Annotated[SplitPoint | None, typer.Option(help=SPLIT_HELP)] = None,
     codec_artifact: ArtifactOpt = None,
 ) -> None:
     """Push a stream of frames to the Rx (Publish): newest frame wins when the uplink is slow,
@@ -826,15 +826,15 @@ def tx_stream(
 
     def run() -> None:
         check_stream_id(stream_id)
-        settings = _settings(
-            TxSettings,
+        settings: Any = build_settings(
+            "tx",
             rx_address=rx,
             model=model,
             codec=codec,
             split_point=split,
             codec_artifacts=codec_artifact or None,
         )
-        with console.status(f"loading {settings.model} (Tx half)"):
+        with err_console.status(f"loading {settings.model} (Tx half)"):
             engine = TxEngine.load(settings)
         frames = (
             itertools.chain.from_iterable(frames_from(source) for _ in itertools.count())

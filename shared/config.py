@@ -108,6 +108,7 @@ class RxSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return _sources(settings_cls, init_settings, dotenv_settings, file_secret_settings)
+
     # ---- feature store, push mode and stored-feature queries (issue 13) ----
     store: Literal["memory", "redis"] = Field(
         "memory", description="feature store backend (SPLITVLM_RX_STORE): memory (one process) or redis"
@@ -195,6 +196,7 @@ class TxSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return _sources(settings_cls, init_settings, dotenv_settings, file_secret_settings)
+
     # ---- edge HTTP (OpenAI-compatible) and push mode (issue 13) ----
     http_enabled: bool = Field(
         False, description="serve the OpenAI-compatible HTTP API (SPLITVLM_TX_HTTP_ENABLED); off by default"
