@@ -10,9 +10,13 @@ from concurrent import futures
 import grpc
 
 from rx_service.engine import RxEngine
+from rx_service.stream_reader import StreamReader
 from shared.errors import PacketError, SplitVlmError
+from shared.grpc_guard import GuardInterceptor
+from shared.health import add_health
 from shared.metrics import LATENCY, PAYLOAD_BYTES, REQUESTS
 from shared.protocol import pb, pb_grpc
+from shared.security import TokenAuth, server_credentials, warn_if_exposed
 
 log = logging.getLogger("splitvlm.rx")
 
@@ -32,8 +36,14 @@ class RxServicer(pb_grpc.RxServiceServicer):
         self, request_iterator: Iterator[pb.GenerateRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.TextChunk]:
         started = time.perf_counter()
+        settings = self.engine.settings
+        messages = StreamReader(
+            request_iterator,
+            idle_timeout_s=settings.stream_idle_timeout_s,
+            total_timeout_s=settings.upload_timeout_s,
+        )
         try:
-            first = next(request_iterator, None)
+            first = messages.next()
             if first is None or first.WhichOneof("part") != "start":
                 raise PacketError(
                     "the first GenerateRequest message must carry `start` (header, prompt, options)"
@@ -41,12 +51,14 @@ class RxServicer(pb_grpc.RxServiceServicer):
             start = first.start
             header = start.header
             # Check the header (sizes, fingerprints, codec) before accepting any payload bytes.
-            self.engine.check_header(header)
+            codec = self.engine.check_header(header)
             options = self.engine.options_from_pb(start.options if start.HasField("options") else None)
-            self.engine.check_request(start.prompt, options)
-            payload = _collect_payload(request_iterator, header.payload_size)
+            self.engine.check_request(start.prompt, options, header, codec)
+            payload = messages.payload(header.payload_size)
             PAYLOAD_BYTES.labels("rx").observe(len(payload))
-            yield from self.engine.generate(header, payload, start.prompt, options)
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            yield from self.engine.generate(header, payload, start.prompt, options, deadline)
             REQUESTS.labels("rx", "Generate", "OK").inc()
         except SplitVlmError as exc:
             REQUESTS.labels("rx", "Generate", exc.grpc_code.name).inc()
@@ -56,28 +68,34 @@ class RxServicer(pb_grpc.RxServiceServicer):
             LATENCY.labels("rx", "Generate").observe(time.perf_counter() - started)
 
 
-def _collect_payload(request_iterator: Iterator[pb.GenerateRequest], declared: int) -> bytes:
-    buf = bytearray()
-    for msg in request_iterator:
-        if msg.WhichOneof("part") != "payload_chunk":
-            raise PacketError("after `start`, every GenerateRequest message must carry `payload_chunk`")
-        if len(buf) + len(msg.payload_chunk) > declared:
-            raise PacketError(f"received more payload than the {declared} bytes the header declares")
-        buf.extend(msg.payload_chunk)
-    return bytes(buf)
+def create_grpc_server(engine: RxEngine, host: str, port: int, workers: int = 32) -> tuple[grpc.Server, int]:
+    """A started-ready (not started) server and the port it bound (useful with port 0).
 
-
-def create_grpc_server(engine: RxEngine, host: str, port: int, workers: int = 4) -> tuple[grpc.Server, int]:
-    """A started-ready (not started) server and the port it bound (useful with port 0)."""
+    TLS (and mTLS) and bearer tokens come from the engine's settings; see `shared.security`.
+    """
+    settings = engine.settings
+    auth = TokenAuth.from_settings(settings.auth_token, settings.auth_token_file)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rx-grpc"),
+        interceptors=[GuardInterceptor(auth)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ],
+        # Calls past the thread count are refused (RESOURCE_EXHAUSTED) rather than queued unseen.
+        maximum_concurrent_rpcs=workers,
     )
     pb_grpc.add_RxServiceServicer_to_server(RxServicer(engine), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    add_health(server, "splitvlm.v1.RxService")
+    address = f"{host}:{port}"
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        bound = server.add_secure_port(
+            address, server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        )
+    else:
+        bound = server.add_insecure_port(address)
+    warn_if_exposed("Rx gRPC", host, tls=settings.tls_cert is not None, auth=auth is not None)
     if bound == 0:
-        raise OSError(f"could not bind the Rx gRPC server to {host}:{port}")
+        raise OSError(f"could not bind the Rx gRPC server to {address} (in use, or not an address here)")
     return server, bound

@@ -29,8 +29,10 @@ class RxSettings(BaseSettings):
     grpc_port: int = Field(50061, ge=0, le=65535)
     http_port: int = Field(8061, ge=0, le=65535)
     codecs: list[str] = Field(
-        default_factory=lambda: ["lossless", "fp16", "int8"],
-        description="codec presets or specs this Rx accepts",
+        default_factory=lambda: ["lossless", "fp16", "int8", "balanced", "tiny", "ladder"],
+        description="codecs this Rx accepts (others are refused, FAILED_PRECONDITION / 409): presets, "
+        "specs, 'ladder' (the Tx's rate-control ladder) or 'any' (every calibration-free codec); "
+        "calibrated codecs are accepted when their artifact is loaded",
     )
     codec_artifacts: list[Path] = Field(
         default_factory=list,
@@ -47,8 +49,48 @@ class RxSettings(BaseSettings):
     max_prompt_chars: int = Field(8_192, gt=0)
     default_max_new_tokens: int = Field(32, gt=0)
     max_new_tokens_limit: int = Field(512, gt=0)
-    grpc_workers: int = Field(4, gt=0)
+    grpc_workers: int = Field(
+        32, gt=0, description="gRPC server threads (and most concurrent calls; more get RESOURCE_EXHAUSTED)"
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    # ---- transport security and authentication (shared/security.py) ----
+    tls_cert: Path | None = Field(None, description="PEM server certificate: TLS on gRPC and HTTP")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA: require gRPC clients (the Tx) to present a certificate it signed (mTLS)"
+    )
+    auth_token: str | None = Field(
+        None, description="bearer token clients must send (gRPC `authorization` metadata, HTTP header)"
+    )
+    auth_token_file: Path | None = Field(
+        None, description="file of accepted bearer tokens, one per line; re-read when it changes"
+    )
+    public_paths: list[str] = Field(
+        default_factory=list,
+        description="HTTP paths open without a token besides /healthz and /readyz (e.g. /metrics, /docs)",
+    )
+    # ---- bounded work (rx_service/stream_reader.py, rx_service/admission.py) ----
+    stream_idle_timeout_s: float = Field(
+        10.0, gt=0, description="gRPC Generate: longest pause between a request's messages"
+    )
+    upload_timeout_s: float = Field(60.0, gt=0, description="longest time to receive a whole request")
+    http_keepalive_s: float = Field(
+        5.0, gt=0, description="HTTP: idle keep-alive connections close after this"
+    )
+    http_header_timeout_s: float = Field(10.0, gt=0, description="HTTP: longest time to send request headers")
+    http_body_timeout_s: float = Field(
+        30.0, gt=0, description="HTTP: longest pause while sending a request body (408 after it)"
+    )
+    max_concurrent_requests: int = Field(1, gt=0, description="requests generating at once")
+    max_queued_requests: int = Field(
+        8, ge=0, description="requests waiting for a generation slot; more get RESOURCE_EXHAUSTED / 429"
+    )
+    queue_timeout_s: float = Field(
+        60.0, gt=0, description="longest wait for a generation slot before RESOURCE_EXHAUSTED / 429"
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="per-request deadline on the server (queue + generation)"
+    )
 
     def packet_limits(self) -> PacketLimits:
         return PacketLimits(
@@ -74,7 +116,11 @@ class TxSettings(BaseSettings):
         description="calibration artifacts (splitvlm calibrate), matched to calibrated codec specs",
     )
     max_image_bytes: int = Field(20 * 2**20, gt=0)
-    max_image_pixels: int = Field(50_000_000, gt=0)
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        gt=0,
+        description="largest image (width x height) the Tx decodes; checked from the header",
+    )
     max_prompt_chars: int = Field(8_192, gt=0)
     chunk_bytes: int = Field(256 * 1024, gt=0, description="payload bytes per gRPC message")
     rx_timeout_s: float = Field(300.0, gt=0)
@@ -83,5 +129,17 @@ class TxSettings(BaseSettings):
         ge=0,
         description="bound of the packet cache (image hash + fingerprints -> packet); 0 disables",
     )
-    grpc_workers: int = Field(4, gt=0)
+    grpc_workers: int = Field(32, gt=0, description="gRPC server threads (and most concurrent calls)")
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    # ---- transport security and authentication (shared/security.py) ----
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate: TLS on the Tx listener, and the client certificate for Rx mTLS"
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(None, description="PEM CA that signed the Rx's certificate: TLS to the Rx")
+    auth_token: str | None = Field(None, description="bearer token clients of this Tx must send")
+    auth_token_file: Path | None = Field(
+        None, description="file of bearer tokens this Tx accepts, one per line; re-read when it changes"
+    )
+    rx_auth_token: str | None = Field(None, description="bearer token the Tx sends to the Rx")
+    rx_auth_token_file: Path | None = Field(None, description="file holding the token the Tx sends to the Rx")

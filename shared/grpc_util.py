@@ -17,7 +17,11 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(address: str) -> grpc.Channel:
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel to `address`: TLS with `credentials` (`shared.security.channel_credentials`),
+    plaintext without."""
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 

@@ -34,12 +34,28 @@ from shared.protocol.packet import (
     split_point_from_pb,
     split_point_to_pb,
 )
+from shared.security import channel_credentials, read_token
 from shared.split import GenerationOptions, TxHalf, check_codec_support, features_for_codec, load_tx_half
 from tx_service.cache import PacketCache, cache_key
 
 log = logging.getLogger("splitvlm.tx")
 
 _MAX_CODECS = 32
+
+
+def rx_client(settings: TxSettings) -> RxClient:
+    """The Tx's client for its Rx: TLS when tls_ca is set (mTLS with tls_cert/tls_key), and the
+    Rx's bearer token."""
+    credentials = None
+    if settings.tls_ca is not None:
+        credentials = channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+    return RxClient(
+        settings.rx_address,
+        timeout_s=settings.rx_timeout_s,
+        chunk_bytes=settings.chunk_bytes,
+        credentials=credentials,
+        token=read_token(settings.rx_auth_token, settings.rx_auth_token_file),
+    )
 
 
 @dataclass
@@ -74,10 +90,7 @@ class TxEngine:
             half=load_tx_half(folder, settings.split_point),
             model_id=settings.model,
             fingerprint=model_fingerprint(folder, settings.cache_dir),
-            rx=rx
-            or RxClient(
-                settings.rx_address, timeout_s=settings.rx_timeout_s, chunk_bytes=settings.chunk_bytes
-            ),
+            rx=rx or rx_client(settings),
             notice=model_notice(folder),
             cache=PacketCache(settings.cache_bytes),
             artifacts=load_artifacts(settings.codec_artifacts, model_fingerprint(folder, settings.cache_dir)),

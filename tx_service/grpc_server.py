@@ -11,8 +11,11 @@ import grpc
 
 from shared.codecs.rate import RateTarget
 from shared.errors import SplitVlmError
+from shared.grpc_guard import GuardInterceptor
+from shared.health import add_health
 from shared.metrics import LATENCY, PAYLOAD_BYTES, REQUESTS
 from shared.protocol import pb, pb_grpc
+from shared.security import TokenAuth, server_credentials, warn_if_exposed
 from shared.split import GenerationOptions
 from tx_service.engine import TxEngine
 
@@ -54,14 +57,28 @@ class TxServicer(pb_grpc.TxServiceServicer):
             LATENCY.labels("tx", "Ask").observe(time.perf_counter() - started)
 
 
-def create_grpc_server(engine: TxEngine, host: str, port: int, workers: int = 4) -> tuple[grpc.Server, int]:
-    limit = engine.settings.max_image_bytes + 64 * 1024
+def create_grpc_server(engine: TxEngine, host: str, port: int, workers: int = 32) -> tuple[grpc.Server, int]:
+    settings = engine.settings
+    limit = settings.max_image_bytes + 64 * 1024
+    auth = TokenAuth.from_settings(settings.auth_token, settings.auth_token_file)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tx-grpc"),
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 8 * 2**20)],
+        interceptors=[GuardInterceptor(auth)],
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", 8 * 2**20),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ],
+        maximum_concurrent_rpcs=workers,
     )
     pb_grpc.add_TxServiceServicer_to_server(TxServicer(engine), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    add_health(server, "splitvlm.v1.TxService")
+    address = f"{host}:{port}"
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        bound = server.add_secure_port(address, server_credentials(settings.tls_cert, settings.tls_key))
+    else:
+        bound = server.add_insecure_port(address)
+    warn_if_exposed("Tx gRPC", host, tls=settings.tls_cert is not None, auth=auth is not None)
     if bound == 0:
-        raise OSError(f"could not bind the Tx gRPC server to {host}:{port}")
+        raise OSError(f"could not bind the Tx gRPC server to {address} (in use, or not an address here)")
     return server, bound
