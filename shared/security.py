@@ -158,3 +158,23 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
         if line.strip() and not line.lstrip().startswith("#"):
             return line.strip()
     raise ValueError(f"token file {token_file} holds no token")
+
+
+def add_port(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, what: str) -> int:
+    """Bind `address` (TLS with `credentials`); a one-line OSError when it cannot be bound.
+
+    Servers set ``grpc.so_reuseport=0``, so a second server on a port in use fails here instead
+    of silently sharing the port (and the traffic) with the first.
+    """
+    try:
+        if credentials is not None:
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(
+            f"could not bind the {what} to {address}: the port is in use or the address is not local"
+        )
+    return bound

@@ -15,7 +15,7 @@ from shared.grpc_guard import GuardInterceptor
 from shared.health import add_health
 from shared.metrics import LATENCY, PAYLOAD_BYTES, REQUESTS
 from shared.protocol import pb, pb_grpc
-from shared.security import TokenAuth, server_credentials, warn_if_exposed
+from shared.security import TokenAuth, add_port, server_credentials, warn_if_exposed
 from shared.split import GenerationOptions
 from tx_service.engine import TxEngine
 
@@ -74,11 +74,9 @@ def create_grpc_server(engine: TxEngine, host: str, port: int, workers: int = 32
     pb_grpc.add_TxServiceServicer_to_server(TxServicer(engine), server)
     add_health(server, "splitvlm.v1.TxService")
     address = f"{host}:{port}"
+    credentials = None
     if settings.tls_cert is not None and settings.tls_key is not None:
-        bound = server.add_secure_port(address, server_credentials(settings.tls_cert, settings.tls_key))
-    else:
-        bound = server.add_insecure_port(address)
-    warn_if_exposed("Tx gRPC", host, tls=settings.tls_cert is not None, auth=auth is not None)
-    if bound == 0:
-        raise OSError(f"could not bind the Tx gRPC server to {address} (in use, or not an address here)")
+        credentials = server_credentials(settings.tls_cert, settings.tls_key)
+    bound = add_port(server, address, credentials, "Tx gRPC server")
+    warn_if_exposed("Tx gRPC", host, tls=credentials is not None, auth=auth is not None)
     return server, bound
