@@ -143,3 +143,9 @@ class TxSettings(BaseSettings):
     )
     rx_auth_token: str | None = Field(None, description="bearer token the Tx sends to the Rx")
     rx_auth_token_file: Path | None = Field(None, description="file holding the token the Tx sends to the Rx")
+    rx_retry_budget_s: float = Field(
+        10.0,
+        ge=0,
+        description="retry an Rx call that is UNAVAILABLE before its first answer chunk for this long "
+        "(exponential backoff with jitter)",
+    )

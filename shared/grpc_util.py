@@ -14,6 +14,10 @@ T = TypeVar("T")
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 32 * 2**20),
     ("grpc.max_send_message_length", 32 * 2**20),
+    # Reconnect soon after a peer restarts (gRPC's default backoff grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 

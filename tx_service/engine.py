@@ -37,6 +37,7 @@ from shared.protocol.packet import (
 from shared.security import channel_credentials, read_token
 from shared.split import GenerationOptions, TxHalf, check_codec_support, features_for_codec, load_tx_half
 from tx_service.cache import PacketCache, cache_key
+from tx_service.retry import call_with_retry, stream_with_retry
 
 log = logging.getLogger("splitvlm.tx")
 
@@ -271,7 +272,7 @@ class TxEngine:
         else:
             codec_key = self.codec(codec_name).fingerprint  # a bad codec name fails before any compute
         if self._paired_with != self.fingerprint:
-            self.pair()
+            call_with_retry(self.pair, self.settings.rx_retry_budget_s)
         key = cache_key(image_bytes, self.fingerprint, codec_key)
         cached = self.cache.get(key)
         if cached is not None:
@@ -288,7 +289,8 @@ class TxEngine:
             self.cache.put(key, encoded.header, encoded.payload)
         requests = self.rx.build_requests(encoded.header, encoded.payload, prompt, options)
         wire_bytes = sum(r.ByteSize() for r in requests)
-        for chunk in self.rx.stream_requests(requests):
+        budget = self.settings.rx_retry_budget_s
+        for chunk in stream_with_retry(lambda: self.rx.stream_requests(requests), budget):
             if chunk.done:
                 chunk.timings.ms.update(encoded.timings_ms)
                 chunk.timings.ms["tx_total"] = (time.perf_counter() - started) * 1e3
