@@ -10,6 +10,7 @@ the requests ahead of it) instead of waiting behind an unbounded line.
 
 from __future__ import annotations
 
+import collections
 import math
 import threading
 import time
@@ -40,14 +41,21 @@ class RequestTimeoutError(SplitVlmError):
 
 
 class Admission:
+    """FIFO admission: a request that finds the queue non-empty waits behind it, so no request
+    can overtake (and starve) those already waiting."""
+
     def __init__(self, max_concurrent: int, max_queued: int, queue_timeout_s: float) -> None:
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
         self.active = 0
-        self.waiting = 0
+        self._queue: collections.deque[object] = collections.deque()
         self._cond = threading.Condition()
         self._mean_s = 1.0  # running mean of service time, for Retry-After
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
 
     def retry_after_s(self) -> int:
         ahead = self.active + self.waiting + 1
@@ -56,7 +64,10 @@ class Admission:
     def acquire(self, deadline: float | None = None) -> None:
         """Take a slot, waiting in the bounded queue; OverloadedError / RequestTimeoutError if not."""
         with self._cond:
-            if self.active >= self.max_concurrent and self.waiting >= self.max_queued:
+            if self.active < self.max_concurrent and not self._queue:
+                self.active += 1
+                return
+            if len(self._queue) >= self.max_queued:
                 raise OverloadedError(
                     f"server busy: {self.active} requests running and {self.waiting} queued (the limit)",
                     self.retry_after_s(),
@@ -64,9 +75,10 @@ class Admission:
             end = time.monotonic() + self.queue_timeout_s
             if deadline is not None and deadline < end:
                 end = deadline
-            self.waiting += 1
+            ticket = object()
+            self._queue.append(ticket)
             try:
-                while self.active >= self.max_concurrent:
+                while not (self._queue[0] is ticket and self.active < self.max_concurrent):
                     remaining = end - time.monotonic()
                     if remaining <= 0:
                         if deadline is not None and end == deadline:
@@ -75,15 +87,19 @@ class Admission:
                             f"server busy: no slot within {self.queue_timeout_s:g} s", self.retry_after_s()
                         )
                     self._cond.wait(remaining)
-            finally:
-                self.waiting -= 1
+            except BaseException:
+                self._queue.remove(ticket)
+                self._cond.notify_all()  # the next in line may be the head now
+                raise
+            self._queue.popleft()
             self.active += 1
+            self._cond.notify_all()  # with several free slots the next head may go too
 
     def release(self, service_s: float) -> None:
         with self._cond:
             self.active -= 1
             self._mean_s = 0.8 * self._mean_s + 0.2 * service_s
-            self._cond.notify()
+            self._cond.notify_all()
 
     @contextmanager
     def slot(self, deadline: float | None = None) -> Iterator[None]:

@@ -263,3 +263,15 @@ def test_image_bomb_is_refused_from_its_header(tx: Any, images: list) -> None:
         assert info.value.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
         assert "7071x7071" in info.value.detail and "max_image_pixels" in info.value.detail
         assert client.ask(images[0], PROMPT, max_new_tokens=2).token_ids
+
+
+def test_tx_bounds_its_request_strings(tx: Any, images: list) -> None:
+    with TxClient(tx.address) as client:
+        for kwargs, needle in [
+            ({"codec": "int8|" * 2000}, "codec has"),
+            ({"request_id": "r" * 10_000}, "request_id"),
+        ]:
+            with pytest.raises(RemoteError) as info:
+                client.ask(images[0], PROMPT, **kwargs)
+            assert info.value.grpc_code == grpc.StatusCode.INVALID_ARGUMENT and needle in info.value.detail
+            assert len(info.value.detail) < 300

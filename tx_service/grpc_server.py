@@ -10,7 +10,7 @@ from concurrent import futures
 import grpc
 
 from shared.codecs.rate import RateTarget
-from shared.errors import SplitVlmError
+from shared.errors import BadRequestError, SplitVlmError
 from shared.grpc_guard import GuardInterceptor
 from shared.health import add_health
 from shared.metrics import LATENCY, PAYLOAD_BYTES, REQUESTS
@@ -32,6 +32,12 @@ class TxServicer(pb_grpc.TxServiceServicer):
     def Ask(self, request: pb.AskRequest, context: grpc.ServicerContext) -> Iterator[pb.TextChunk]:
         started = time.perf_counter()
         try:
+            for name, value, limit in (
+                ("codec", request.codec, 256),
+                ("request_id", request.request_id, 128),
+            ):
+                if len(value) > limit:
+                    raise BadRequestError(f"{name} has {len(value)} characters; at most {limit}")
             opts = request.options
             options = GenerationOptions(
                 max_new_tokens=opts.max_new_tokens or 32,
