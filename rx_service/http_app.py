@@ -57,6 +57,47 @@ class GenerateForm(BaseModel):
     stream: bool = False
 
 
+# The multipart body and the error answers of POST /v1/generate, for the OpenAPI schema (the
+# handler parses the form itself, to stream the packet and bound it while it arrives).
+_GENERATE_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["packet", "prompt"],
+                "properties": {
+                    "packet": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "a serialized FeaturePacket",
+                    },
+                    **GenerateForm.model_json_schema()["properties"],
+                },
+            }
+        }
+    },
+}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+    "required": ["error", "detail"],
+}
+_GENERATE_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": what, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    for status, what in {
+        400: "malformed packet, option or prompt; token count or context exceeded",
+        401: "missing or wrong bearer token",
+        408: "the request body stalled",
+        409: "model, split point or codec not this Rx's",
+        413: "packet or body over a size limit",
+        422: "checksum mismatch or unsupported packet version",
+        429: "generation queue full (see Retry-After)",
+        504: "the request ran past its deadline",
+    }.items()
+}
+
+
 def _error(exc: SplitVlmError) -> JSONResponse:
     headers = {}
     if isinstance(exc, OverloadedError):
@@ -109,7 +150,12 @@ def create_app(engine: RxEngine) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/generate", response_model=None)
+    @app.post(
+        "/v1/generate",
+        response_model=None,
+        openapi_extra={"requestBody": _GENERATE_BODY},
+        responses=_GENERATE_ERRORS,
+    )
     async def generate(request: Request) -> Response:
         form = await request.form(max_files=1, max_fields=16)
         upload = form.get("packet")

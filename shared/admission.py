@@ -41,16 +41,18 @@ class RequestTimeoutError(SplitVlmError):
 
 
 class Admission:
-    """FIFO admission: a request that finds the queue non-empty waits behind it, so no request
-    can overtake (and starve) those already waiting."""
+    """FIFO admission with direct hand-over: a finished request hands its slot to the head of the
+    queue and wakes only that waiter. A newcomer never overtakes waiting requests, and a release
+    does not wake every waiter (with a shared condition, 31 waiters woke per release and queued
+    for the GIL: throughput fell several-fold under 32 clients)."""
 
     def __init__(self, max_concurrent: int, max_queued: int, queue_timeout_s: float) -> None:
         self.max_concurrent = max_concurrent
         self.max_queued = max_queued
         self.queue_timeout_s = queue_timeout_s
         self.active = 0
-        self._queue: collections.deque[object] = collections.deque()
-        self._cond = threading.Condition()
+        self._queue: collections.deque[threading.Event] = collections.deque()
+        self._lock = threading.Lock()
         self._mean_s = 1.0  # running mean of service time, for Retry-After
 
     @property
@@ -63,7 +65,7 @@ class Admission:
 
     def acquire(self, deadline: float | None = None) -> None:
         """Take a slot, waiting in the bounded queue; OverloadedError / RequestTimeoutError if not."""
-        with self._cond:
+        with self._lock:
             if self.active < self.max_concurrent and not self._queue:
                 self.active += 1
                 return
@@ -72,34 +74,28 @@ class Admission:
                     f"server busy: {self.active} requests running and {self.waiting} queued (the limit)",
                     self.retry_after_s(),
                 )
-            end = time.monotonic() + self.queue_timeout_s
-            if deadline is not None and deadline < end:
-                end = deadline
-            ticket = object()
+            ticket = threading.Event()  # set = the slot was handed to this waiter
             self._queue.append(ticket)
-            try:
-                while not (self._queue[0] is ticket and self.active < self.max_concurrent):
-                    remaining = end - time.monotonic()
-                    if remaining <= 0:
-                        if deadline is not None and end == deadline:
-                            raise RequestTimeoutError("the request's deadline passed while it was queued")
-                        raise OverloadedError(
-                            f"server busy: no slot within {self.queue_timeout_s:g} s", self.retry_after_s()
-                        )
-                    self._cond.wait(remaining)
-            except BaseException:
-                self._queue.remove(ticket)
-                self._cond.notify_all()  # the next in line may be the head now
-                raise
-            self._queue.popleft()
-            self.active += 1
-            self._cond.notify_all()  # with several free slots the next head may go too
+        end = time.monotonic() + self.queue_timeout_s
+        if deadline is not None and deadline < end:
+            end = deadline
+        if ticket.wait(max(0.0, end - time.monotonic())):
+            return
+        with self._lock:
+            if ticket.is_set():  # handed over just as the wait ended: keep it
+                return
+            self._queue.remove(ticket)
+        if deadline is not None and end == deadline:
+            raise RequestTimeoutError("the request's deadline passed while it was queued")
+        raise OverloadedError(f"server busy: no slot within {self.queue_timeout_s:g} s", self.retry_after_s())
 
     def release(self, service_s: float) -> None:
-        with self._cond:
-            self.active -= 1
+        with self._lock:
             self._mean_s = 0.8 * self._mean_s + 0.2 * service_s
-            self._cond.notify_all()
+            if self._queue:
+                self._queue.popleft().set()  # the slot passes on; `active` is unchanged
+            else:
+                self.active -= 1
 
     @contextmanager
     def slot(self, deadline: float | None = None) -> Iterator[None]:

@@ -105,3 +105,12 @@ def test_token_check_is_exact() -> None:
         assert auth.check(header) is not None, header
     with pytest.raises(ValueError):
         TokenAuth([])
+
+
+def test_openapi_describes_the_generate_body_and_its_errors(rx: Any) -> None:
+    schema = httpx.get(f"{rx.http_url}/openapi.json").json()  # the session Rx has no token
+    operation = schema["paths"]["/v1/generate"]["post"]
+    body = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"packet", "prompt"} <= set(body["required"])
+    assert body["properties"]["packet"]["format"] == "binary"
+    assert {"400", "401", "409", "413", "422", "429"} <= set(operation["responses"])
