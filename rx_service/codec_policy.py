@@ -66,9 +66,12 @@ class CodecPolicy:
             self.codecs[codec.fingerprint] = codec
         self._fixed = len(self.codecs)
 
-    def describe(self) -> str:
+    def describe(self, most: int = 6) -> str:
         names = sorted({c.spec for c in list(self.codecs.values())[: self._fixed]})
-        return ", ".join(names) + (" and any calibration-free codec" if self.allow_any else "")
+        shown = ", ".join(names[:most])
+        if len(names) > most:
+            shown += f" and {len(names) - most} more (see Info)"
+        return shown + (" and any calibration-free codec" if self.allow_any else "")
 
     def codec_for(self, spec: str, fingerprint: str) -> Codec:
         """The accepted codec a packet names, or a precise refusal."""
