@@ -853,6 +853,29 @@ def tx_stream(
     _or_exit(run)
 
 
+@app.command("certs")
+def certs_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for ca.pem, rx.pem/key, tx.pem/key, client.pem/key.")],
+    host: Annotated[
+        list[str] | None, typer.Option(help="Extra DNS name or IP in the server certificates; repeatable.")
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+) -> None:
+    """Make a development CA and TLS certificates for the Rx, the Tx and a client (mTLS)."""
+    from shared.certs import make_dev_certs
+
+    files = make_dev_certs(out, host or [], days)
+    lines = [
+        f"wrote {', '.join(p.name for p in files)} to {out}",
+        f"Rx: SPLITVLM_RX_TLS_CERT={out}/rx.pem SPLITVLM_RX_TLS_KEY={out}/rx.key",
+        f"    (mTLS: SPLITVLM_RX_TLS_CLIENT_CA={out}/ca.pem)",
+        f"Tx: SPLITVLM_TX_TLS_CA={out}/ca.pem SPLITVLM_TX_TLS_CERT={out}/tx.pem",
+        f"    SPLITVLM_TX_TLS_KEY={out}/tx.key",
+    ]
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: usage errors too are one line on stderr (exit 2), never a box or a traceback."""
     if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):

@@ -70,13 +70,15 @@ class RxSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPLITVLM_RX_", extra="forbid")
 
     model: str = Field(DEFAULT_MODEL, description="hub id, local folder or builtin:NAME")
-    split_point: SplitPoint = SplitPoint.AFTER_VISION_TOWER
-    host: str = "127.0.0.1"
-    grpc_port: int = Field(50061, ge=0, le=65535)
-    http_port: int = Field(8061, ge=0, le=65535)
+    split_point: SplitPoint = Field(SplitPoint.AFTER_VISION_TOWER, description="where the model is cut")
+    host: str = Field("127.0.0.1", description="bind address (non-loopback without TLS/token: loud warning)")
+    grpc_port: int = Field(50061, ge=0, le=65535, description="gRPC port (0: any free port)")
+    http_port: int = Field(8061, ge=0, le=65535, description="HTTP port (0: any free port)")
     codecs: list[str] = Field(
-        default_factory=lambda: ["lossless", "fp16", "int8"],
-        description="codec presets or specs this Rx accepts",
+        default_factory=lambda: ["lossless", "fp16", "int8", "balanced", "tiny", "ladder"],
+        description="codecs this Rx accepts (others are refused, FAILED_PRECONDITION / 409): presets, "
+        "specs, 'ladder' (the Tx's rate-control ladder) or 'any' (every calibration-free codec); "
+        "calibrated codecs are accepted when their artifact is loaded",
     )
     codec_artifacts: list[Path] = Field(
         default_factory=list,
@@ -87,14 +89,61 @@ class RxSettings(BaseSettings):
         description="fold a linear codec decoder (pca, sparse) into the projector's first Linear "
         "(compressed-domain decoding); codecs that cannot be folded decode normally",
     )
-    max_packet_bytes: int = Field(64 * 2**20, gt=0)
+    max_packet_bytes: int = Field(
+        64 * 2**20, gt=0, description="largest packet payload (413 / RESOURCE_EXHAUSTED)"
+    )
     max_tokens: int = Field(65_536, gt=0, description="most visual tokens one packet may declare")
-    max_decoded_bytes: int = Field(512 * 2**20, gt=0)
-    max_prompt_chars: int = Field(8_192, gt=0)
-    default_max_new_tokens: int = Field(32, gt=0)
-    max_new_tokens_limit: int = Field(512, gt=0)
-    grpc_workers: int = Field(4, gt=0)
-    cache_dir: Path = Field(default_factory=default_cache_dir)
+    max_decoded_bytes: int = Field(
+        512 * 2**20, gt=0, description="largest decoded feature tensor a packet may declare"
+    )
+    max_prompt_chars: int = Field(8_192, gt=0, description="longest prompt (the model's context applies too)")
+    default_max_new_tokens: int = Field(32, gt=0, description="max_new_tokens when a request gives none")
+    max_new_tokens_limit: int = Field(512, gt=0, description="largest max_new_tokens a request may ask")
+    grpc_workers: int = Field(
+        32, gt=0, description="gRPC server threads (and most concurrent calls; more get RESOURCE_EXHAUSTED)"
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir, description="model cache (SPLITVLM_CACHE_DIR, ~/.cache/splitvlm)"
+    )
+    # ---- transport security and authentication (shared/security.py) ----
+    tls_cert: Path | None = Field(None, description="PEM server certificate: TLS on gRPC and HTTP")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA: require gRPC clients (the Tx) to present a certificate it signed (mTLS)"
+    )
+    auth_token: str | None = Field(
+        None, description="bearer token clients must send (gRPC `authorization` metadata, HTTP header)"
+    )
+    auth_token_file: Path | None = Field(
+        None, description="file of accepted bearer tokens, one per line; re-read when it changes"
+    )
+    public_paths: list[str] = Field(
+        default_factory=list,
+        description="HTTP paths open without a token besides /healthz and /readyz (e.g. /metrics, /docs)",
+    )
+    # ---- bounded work (rx_service/stream_reader.py, rx_service/admission.py) ----
+    stream_idle_timeout_s: float = Field(
+        10.0, gt=0, description="gRPC Generate: longest pause between a request's messages"
+    )
+    upload_timeout_s: float = Field(60.0, gt=0, description="longest time to receive a whole request")
+    http_keepalive_s: float = Field(
+        5.0, gt=0, description="HTTP: idle keep-alive connections close after this"
+    )
+    http_header_timeout_s: float = Field(10.0, gt=0, description="HTTP: longest time to send request headers")
+    http_body_timeout_s: float = Field(
+        30.0, gt=0, description="HTTP: longest pause while sending a request body (408 after it)"
+    )
+    max_concurrent_requests: int = Field(1, gt=0, description="requests generating at once")
+    max_queued_requests: int = Field(
+        32, ge=0, description="requests waiting for a generation slot; more get RESOURCE_EXHAUSTED / 429"
+    )
+    queue_timeout_s: float = Field(
+        60.0, gt=0, description="longest wait for a generation slot before RESOURCE_EXHAUSTED / 429"
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="per-request deadline on the server (queue + generation)"
+    )
+
     log_level: LogLevel = Field("info", description="log level; info logs one access line per request")
     log_json: bool = Field(False, description="log one JSON object per line (for log shippers)")
 
@@ -159,27 +208,51 @@ class TxSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SPLITVLM_TX_", extra="forbid")
 
     model: str = Field(DEFAULT_MODEL, description="hub id, local folder or builtin:NAME")
-    split_point: SplitPoint = SplitPoint.AFTER_VISION_TOWER
-    host: str = "127.0.0.1"
-    port: int = Field(50051, ge=0, le=65535)
+    split_point: SplitPoint = Field(SplitPoint.AFTER_VISION_TOWER, description="where the model is cut")
+    host: str = Field("127.0.0.1", description="bind address (non-loopback without TLS/token: loud warning)")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: any free port)")
     rx_address: str = Field("127.0.0.1:50061", description="HOST:PORT of the Rx gRPC server")
     codec: str = Field("int8", description="default codec preset or spec")
     codec_artifacts: list[Path] = Field(
         default_factory=list,
         description="calibration artifacts (splitvlm calibrate), matched to calibrated codec specs",
     )
-    max_image_bytes: int = Field(20 * 2**20, gt=0)
-    max_image_pixels: int = Field(50_000_000, gt=0)
-    max_prompt_chars: int = Field(8_192, gt=0)
+    max_image_bytes: int = Field(20 * 2**20, gt=0, description="largest image upload")
+    max_image_pixels: int = Field(
+        4096 * 4096,
+        gt=0,
+        description="largest image (width x height) the Tx decodes; checked from the header",
+    )
+    max_prompt_chars: int = Field(8_192, gt=0, description="longest prompt")
     chunk_bytes: int = Field(256 * 1024, gt=0, description="payload bytes per gRPC message")
-    rx_timeout_s: float = Field(300.0, gt=0)
+    rx_timeout_s: float = Field(300.0, gt=0, description="deadline of one call to the Rx")
     cache_bytes: int = Field(
         64 * 2**20,
         ge=0,
         description="bound of the packet cache (image hash + fingerprints -> packet); 0 disables",
     )
-    grpc_workers: int = Field(4, gt=0)
-    cache_dir: Path = Field(default_factory=default_cache_dir)
+    grpc_workers: int = Field(32, gt=0, description="gRPC server threads (and most concurrent calls)")
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir, description="model cache (SPLITVLM_CACHE_DIR, ~/.cache/splitvlm)"
+    )
+    # ---- transport security and authentication (shared/security.py) ----
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate: TLS on the Tx listener, and the client certificate for Rx mTLS"
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(None, description="PEM CA that signed the Rx's certificate: TLS to the Rx")
+    auth_token: str | None = Field(None, description="bearer token clients of this Tx must send")
+    auth_token_file: Path | None = Field(
+        None, description="file of bearer tokens this Tx accepts, one per line; re-read when it changes"
+    )
+    rx_auth_token: str | None = Field(None, description="bearer token the Tx sends to the Rx")
+    rx_auth_token_file: Path | None = Field(None, description="file holding the token the Tx sends to the Rx")
+    rx_retry_budget_s: float = Field(
+        10.0,
+        ge=0,
+        description="retry an Rx call that is UNAVAILABLE before its first answer chunk for this long "
+        "(exponential backoff with jitter)",
+    )
     log_level: LogLevel = Field("info", description="log level; info logs one access line per request")
     log_json: bool = Field(False, description="log one JSON object per line (for log shippers)")
     metrics_port: int = Field(

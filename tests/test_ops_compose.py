@@ -101,7 +101,13 @@ def test_model_override_mounts_the_checkpoint_read_only_for_both_halves() -> Non
 
 
 def test_tls_override_names_the_certificate_settings() -> None:
+    from shared.config import RxSettings, TxSettings
+
     services = _compose("docker-compose.tls.yml")["services"]
+    for role, cls in (("rx", RxSettings), ("tx", TxSettings)):
+        prefix = f"SPLITVLM_{role.upper()}_"
+        for env in services[role]["environment"]:
+            assert env.removeprefix(prefix).lower() in cls.model_fields, env  # a real setting
     assert set(services["rx"]["environment"]) == {
         "SPLITVLM_RX_TLS_CERT",
         "SPLITVLM_RX_TLS_KEY",

@@ -35,12 +35,29 @@ from shared.protocol.packet import (
     split_point_from_pb,
     split_point_to_pb,
 )
+from shared.security import channel_credentials, read_token
 from shared.split import GenerationOptions, TxHalf, check_codec_support, features_for_codec, load_tx_half
 from tx_service.cache import PacketCache, cache_key
+from tx_service.retry import call_with_retry, stream_with_retry
 
 log = logging.getLogger("splitvlm.tx")
 
 _MAX_CODECS = 32
+
+
+def rx_client(settings: TxSettings) -> RxClient:
+    """The Tx's client for its Rx: TLS when tls_ca is set (mTLS with tls_cert/tls_key), and the
+    Rx's bearer token."""
+    credentials = None
+    if settings.tls_ca is not None:
+        credentials = channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+    return RxClient(
+        settings.rx_address,
+        timeout_s=settings.rx_timeout_s,
+        chunk_bytes=settings.chunk_bytes,
+        credentials=credentials,
+        token=read_token(settings.rx_auth_token, settings.rx_auth_token_file),
+    )
 
 
 @dataclass
@@ -77,10 +94,7 @@ class TxEngine:
             half=load_tx_half(folder, settings.split_point),
             model_id=settings.model,
             fingerprint=model_fingerprint(folder, settings.cache_dir),
-            rx=rx
-            or RxClient(
-                settings.rx_address, timeout_s=settings.rx_timeout_s, chunk_bytes=settings.chunk_bytes
-            ),
+            rx=rx or rx_client(settings),
             notice=model_notice(folder),
             cache=PacketCache(settings.cache_bytes),
             artifacts=load_artifacts(settings.codec_artifacts, model_fingerprint(folder, settings.cache_dir)),
@@ -267,7 +281,7 @@ class TxEngine:
         else:
             codec_key = self.codec(codec_name).fingerprint  # a bad codec name fails before any compute
         if self._paired_with != self.fingerprint:
-            self.pair()
+            call_with_retry(self.pair, self.settings.rx_retry_budget_s)
         key = cache_key(image_bytes, self.fingerprint, codec_key)
         cached = self.cache.get(key)
         if cached is not None:
@@ -290,7 +304,8 @@ class TxEngine:
             self.cache.put(key, encoded.header, encoded.payload, encoded.source_bytes)
         requests = self.rx.build_requests(encoded.header, encoded.payload, prompt, options)
         wire_bytes = sum(r.ByteSize() for r in requests)
-        for chunk in self.rx.stream_requests(requests):
+        budget = self.settings.rx_retry_budget_s
+        for chunk in stream_with_retry(lambda: self.rx.stream_requests(requests), budget):
             if chunk.done:
                 chunk.timings.ms.update(encoded.timings_ms)
                 chunk.timings.ms["tx_total"] = (time.perf_counter() - started) * 1e3

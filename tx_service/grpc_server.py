@@ -10,11 +10,14 @@ from concurrent import futures
 import grpc
 
 from shared.codecs.rate import RateTarget
-from shared.errors import SplitVlmError, port_in_use
+from shared.errors import BadRequestError, SplitVlmError, port_in_use
+from shared.grpc_guard import GuardInterceptor
 from shared.grpc_util import port_is_taken
+from shared.health import add_health
 from shared.logs import log_access
 from shared.metrics import IN_FLIGHT, LATENCY, PAYLOAD_BYTES, REQUESTS, TOKENS, TTFT
 from shared.protocol import pb, pb_grpc
+from shared.security import TokenAuth, add_port, server_credentials, warn_if_exposed
 from shared.split import GenerationOptions
 from tx_service.engine import TxEngine
 
@@ -46,6 +49,12 @@ class TxServicer(pb_grpc.TxServiceServicer):
         ttft: float | None = None
         IN_FLIGHT.labels("tx").inc()
         try:
+            for name, value, limit in (
+                ("codec", request.codec, 256),
+                ("request_id", request.request_id, 128),
+            ):
+                if len(value) > limit:
+                    raise BadRequestError(f"{name} has {len(value)} characters; at most {limit}")
             opts = request.options
             options = GenerationOptions(
                 max_new_tokens=opts.max_new_tokens or 32,
@@ -101,23 +110,28 @@ class TxServicer(pb_grpc.TxServiceServicer):
             )
 
 
-def create_grpc_server(engine: TxEngine, host: str, port: int, workers: int = 4) -> tuple[grpc.Server, int]:
-    limit = engine.settings.max_image_bytes + 64 * 1024
+def create_grpc_server(engine: TxEngine, host: str, port: int, workers: int = 32) -> tuple[grpc.Server, int]:
+    settings = engine.settings
+    limit = settings.max_image_bytes + 64 * 1024
+    auth = TokenAuth.from_settings(settings.auth_token, settings.auth_token_file)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tx-grpc"),
+        interceptors=[GuardInterceptor(auth)],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 8 * 2**20),
-            ("grpc.so_reuseport", 0),  # a taken port is an error, not silently shared
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ],
+        maximum_concurrent_rpcs=workers,
     )
     pb_grpc.add_TxServiceServicer_to_server(TxServicer(engine), server)
+    add_health(server, "splitvlm.v1.TxService")
     if port_is_taken(host, port):
         raise port_in_use("Tx gRPC", host, port, "SPLITVLM_TX_PORT")
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:  # grpcio >= 1.6x raises instead of returning 0
-        bound = 0
-    if bound == 0:
-        raise port_in_use("Tx gRPC", host, port, "SPLITVLM_TX_PORT")
+    address = f"{host}:{port}"
+    credentials = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        credentials = server_credentials(settings.tls_cert, settings.tls_key)
+    bound = add_port(server, address, credentials, "Tx gRPC server")
+    warn_if_exposed("Tx gRPC", host, tls=credentials is not None, auth=auth is not None)
     return server, bound
