@@ -37,7 +37,8 @@ clean:
 # fitted on 256 training scenes; the services and `splitvlm eval` find them without flags.
 REFERENCE_SPECS := 'pca:k=16|int8|zstd' 'kmeans:bits=4|zstd' 'sparse:atoms=256,k=8|int8|zstd' \
 	'ae:dim=32|int8|zstd' 'ae:dim=32,vq=256,parts=8|zstd' 'ae:dim=32,vq=4096,parts=8|zstd' \
-	'int8|zstd:dict=1'
+	'int8|zstd:dict=1' 'salient:k=32|pca:k=16|linear:bits=4,scale=fp16|zstd' \
+	'salient:k=24|pca:k=16|linear:bits=4,scale=fp16|zstd' 'salient:k=16|pca:k=16|linear:bits=4,scale=fp16|zstd'
 reference-artifacts: $(STAMP)
 	@for spec in $(REFERENCE_SPECS); do \
 		name=$$(printf '%s' "$$spec" | tr -cs 'A-Za-z0-9' '-'); \

@@ -12,6 +12,7 @@ from shared.answer import Answer
 from shared.errors import RemoteError
 from shared.grpc_util import as_remote_error, open_channel, relay_errors
 from shared.protocol import pb, pb_grpc
+from shared.security import bearer_metadata
 from shared.split import GenerationOptions
 
 
@@ -34,16 +35,28 @@ class RxClient:
     ...     answer = rx.generate(header, payload, "What is in the image?")
     """
 
-    def __init__(self, address: str, timeout_s: float = 300.0, chunk_bytes: int = 256 * 1024) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 300.0,
+        chunk_bytes: int = 256 * 1024,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        """`credentials`: TLS (`shared.security.channel_credentials`); `token`: bearer token."""
         self.address = address
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
-        self._channel = open_channel(address)
+        self._metadata = bearer_metadata(token)
+        self._channel = open_channel(address, credentials)
         self._stub = pb_grpc.RxServiceStub(self._channel)
 
     def info(self, timeout_s: float | None = None) -> pb.InfoResponse:
         try:
-            return self._stub.Info(pb.InfoRequest(), timeout=timeout_s or self.timeout_s)
+            return self._stub.Info(
+                pb.InfoRequest(), timeout=timeout_s or self.timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise as_remote_error(exc, f"rx {self.address}") from None
 
@@ -58,7 +71,7 @@ class RxClient:
 
     def stream_requests(self, requests: list[pb.GenerateRequest]) -> Iterator[pb.TextChunk]:
         """Send prepared requests (see `build_requests`); lets a caller count wire bytes first."""
-        stream = self._stub.Generate(iter(requests), timeout=self.timeout_s)
+        stream = self._stub.Generate(iter(requests), timeout=self.timeout_s, metadata=self._metadata)
         return relay_errors(stream, f"rx {self.address}")
 
     def generate(
@@ -94,8 +107,12 @@ class RxClient:
 class RxHttpClient:
     """HTTP client for the Rx FastAPI app: upload a serialized FeaturePacket."""
 
-    def __init__(self, base_url: str, timeout_s: float = 300.0) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout_s)
+    def __init__(
+        self, base_url: str, timeout_s: float = 300.0, *, verify: str | bool = True, token: str | None = None
+    ) -> None:
+        """`verify`: CA file for an https:// Rx (or True: system roots); `token`: bearer token."""
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=base_url, timeout=timeout_s, verify=verify, headers=headers)
 
     def info(self) -> dict[str, Any]:
         return self._check(self._http.get("/v1/info")).json()

@@ -12,16 +12,21 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from rx_service.codec_policy import CodecPolicy
+from rx_service.context import prompt_tokens
+from rx_service.limits import check_token_budget
 from shared import __version__
-from shared.codecs import Codec, build_codec
+from shared.admission import Admission, RequestTimeoutError
+from shared.codecs import Codec
 from shared.codecs.artifacts import ArtifactIndex
-from shared.codecs.calibrate import build_codec_with
 from shared.codecs.fold import FoldCache
 from shared.config import RxSettings
-from shared.errors import BadRequestError, CodecError, FingerprintMismatchError
+from shared.errors import BadRequestError, FingerprintMismatchError
+from shared.metrics import QUEUE_DEPTH
 from shared.models.card import model_notice
 from shared.models.registry import model_fingerprint, resolve_model
 from shared.protocol import pb
@@ -41,8 +46,6 @@ from shared.textstream import IncrementalDetokenizer
 
 log = logging.getLogger("splitvlm.rx")
 
-_MAX_EXTRA_CODECS = 32  # codecs built on demand from a packet's spec, kept for reuse
-
 
 @dataclass
 class RxEngine:
@@ -52,11 +55,16 @@ class RxEngine:
     fingerprint: str
     architecture: str = ""
     notice: str = ""
-    codecs: dict[str, Codec] = field(default_factory=dict)  # by codec fingerprint
     # Calibration artifacts for this model by canonical codec spec: settings.codec_artifacts, then
     # the cache dir's and the checkpoint's codecs/ folders (shared/codecs/artifacts.py).
     artifacts: ArtifactIndex = field(default_factory=lambda: ArtifactIndex(""))
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # The accepted codecs (settings.codecs + artifacts); built from settings when not given.
+    policy: CodecPolicy | None = None
+    # Bounds concurrent generations and their queue (settings.max_concurrent_requests, ...).
+    admission: Admission | None = None
+    # Stored packets (uploads, Publish streams) and the image-prefix KV cache (rx_service/streams.py).
+    store: Any = None  # rx_service.store.FeatureStore
+    kv_cache: Any = None  # rx_service.prefix_cache.PrefixKVCache
     # Folded first-layer decoders (pca, sparse) by codec fingerprint (settings.fold_decoder).
     _fold_cache: FoldCache | None = None
 
@@ -80,14 +88,39 @@ class RxEngine:
                 explicit=settings.codec_artifacts,
             ),
         )
-        for spec in settings.codecs:
-            codec = build_codec_with(spec, engine.artifacts)
-            engine.codecs[codec.fingerprint] = codec
-        # Every calibrated codec this Rx holds an artifact for is accepted (and advertised in Info).
-        for spec, artifact in engine.artifacts.items():
-            codec = build_codec(spec, artifact=artifact)
-            engine.codecs[codec.fingerprint] = codec
+        engine.codec_policy()  # a bad codec in the settings fails at start-up
+        from rx_service.prefix_cache import PrefixKVCache
+        from rx_service.store import open_store
+
+        engine.store = open_store(settings)
+        engine.kv_cache = PrefixKVCache(settings.kv_cache_bytes, engine.fingerprint)
         return engine
+
+    def codec_policy(self) -> CodecPolicy:
+        """The accepted codecs; every calibrated codec this Rx holds an artifact for is among them."""
+        if self.policy is None:
+            family = f"{self.architecture or type(self.half).__name__} ({self.model_id})"
+            self.policy = CodecPolicy(
+                self.settings.codecs,
+                self.artifacts,
+                supported=lambda codec: check_codec_support(codec, self.half.codec_support, family),
+            )
+        return self.policy
+
+    def advertised_codecs(self) -> list[str]:
+        specs = [c.spec for c in self.codecs.values()]
+        return specs + (["any"] if self.codec_policy().allow_any else [])
+
+    @property
+    def codecs(self) -> dict[str, Codec]:
+        """Accepted codecs by fingerprint (those configured, then any built on demand)."""
+        return self.codec_policy().codecs
+
+    def admission_control(self) -> Admission:
+        if self.admission is None:
+            s = self.settings
+            self.admission = Admission(s.max_concurrent_requests, s.max_queued_requests, s.queue_timeout_s)
+        return self.admission
 
     # ---- info -------------------------------------------------------------
     def info(self) -> pb.InfoResponse:
@@ -98,7 +131,7 @@ class RxEngine:
             model_id=self.model_id,
             model_fingerprint=self.fingerprint,
             split_points=[split_point_to_pb(self.settings.split_point)],
-            codecs=[c.spec for c in self.codecs.values()],
+            codecs=self.advertised_codecs(),
             codec_fingerprints=list(self.codecs),
             max_packet_bytes=self.settings.max_packet_bytes,
             architecture=self.architecture,
@@ -126,30 +159,20 @@ class RxEngine:
                 f"packet features have dim {header.shape[1]}, this model's {split.value} features have "
                 f"dim {self.half.feature_dim}"
             )
-        codec = self._codec_for(header)
+        codec = self.codec_policy().codec_for(header.codec_spec, header.codec_fingerprint)
         family = self.architecture or type(self.half).__name__
         check_codec_support(codec, self.half.codec_support, f"{family} ({self.model_id})")
         return codec
 
-    def _codec_for(self, header: pb.FeatureHeader) -> Codec:
-        codec = self.codecs.get(header.codec_fingerprint)
-        if codec is not None:
-            return codec
-        try:
-            codec = build_codec_with(header.codec_spec, self.artifacts)
-        except CodecError as exc:
-            raise CodecError(f"packet codec spec {header.codec_spec!r} is not usable here: {exc}") from None
-        if codec.fingerprint != header.codec_fingerprint:
-            raise FingerprintMismatchError(
-                f"codec fingerprint mismatch for {header.codec_spec!r}: the packet has "
-                f"{header.codec_fingerprint or '<none>'}, this Rx computes {codec.fingerprint} "
-                "(calibrated codecs need the same artifact on both sides)"
-            )
-        if len(self.codecs) < len(self.settings.codecs) + len(self.artifacts) + _MAX_EXTRA_CODECS:
-            self.codecs[codec.fingerprint] = codec
-        return codec
-
-    def check_request(self, prompt: str, options: GenerationOptions) -> None:
+    def check_request(
+        self,
+        prompt: str,
+        options: GenerationOptions,
+        header: pb.FeatureHeader | None = None,
+        codec: Codec | None = None,
+    ) -> None:
+        """Prompt and options; with the (checked) header and its codec, the token budget against
+        the model (`rx_service.limits.check_token_budget`)."""
         if not prompt.strip():
             raise BadRequestError("prompt is empty")
         if len(prompt) > self.settings.max_prompt_chars:
@@ -157,6 +180,8 @@ class RxEngine:
                 f"prompt has {len(prompt)} characters; limit {self.settings.max_prompt_chars}"
             )
         options.validate(self.settings.max_new_tokens_limit)
+        if header is not None and codec is not None:
+            check_token_budget(self.half, codec, header, prompt, options)
 
     def options_from_pb(self, opts: pb.GenerationOptions | None) -> GenerationOptions:
         if opts is None:
@@ -176,10 +201,18 @@ class RxEngine:
         payload: bytes,
         prompt: str,
         options: GenerationOptions,
+        deadline: float | None = None,
+        feature_id: str = "",
     ) -> Iterator[pb.TextChunk]:
-        """Verify and decode the payload, then stream text chunks; the last one has `done`."""
+        """Verify and decode the payload, then stream text chunks; the last one has `done`.
+
+        `deadline` (time.monotonic()) is the client's; settings.request_timeout_s bounds it too.
+        `feature_id` (stored features) keys the image-prefix KV cache and is echoed on the last chunk.
+        """
+        server_deadline = time.monotonic() + self.settings.request_timeout_s
+        deadline = server_deadline if deadline is None else min(deadline, server_deadline)
         codec = self.check_header(header)
-        self.check_request(prompt, options)
+        self.check_request(prompt, options, header, codec)
         verify_payload(header, payload)
         t0 = time.perf_counter()
         features = self._folded_features(header, payload, codec)
@@ -188,7 +221,12 @@ class RxEngine:
         else:
             features = features_from_payload(header, payload, codec)
             timings = {"rx_codec_decode": (time.perf_counter() - t0) * 1e3}
-        yield from self._stream(prompt, features, options, header, timings)
+        n_prompt = prompt_tokens(self.half, prompt, features)
+        for chunk in self._stream(prompt, features, options, header, timings, deadline, feature_id):
+            if chunk.done:
+                chunk.prompt_tokens = n_prompt
+                chunk.feature_id = feature_id
+            yield chunk
 
     def _folded_features(
         self, header: pb.FeatureHeader, payload: bytes, codec: Codec
@@ -218,28 +256,46 @@ class RxEngine:
         options: GenerationOptions,
         header: pb.FeatureHeader,
         timings: dict[str, float],
+        deadline: float,
+        feature_id: str = "",
     ) -> Iterator[pb.TextChunk]:
         events: queue.Queue[tuple[str, object]] = queue.Queue()
         cancelled = threading.Event()
         token_times: list[float] = []
+        admission = self.admission_control()
+        queued = time.perf_counter()
+        QUEUE_DEPTH.labels("rx").inc()
+        try:
+            admission.acquire(deadline)  # OverloadedError when the queue is full: before any stream starts
+        finally:
+            QUEUE_DEPTH.labels("rx").dec()
+        timings["rx_queue"] = (time.perf_counter() - queued) * 1e3
 
         def on_token(token_id: int) -> None:
             if cancelled.is_set():
                 raise _Cancelled()
+            if time.monotonic() > deadline:
+                raise RequestTimeoutError(
+                    f"generation ran past the request deadline after {len(token_times) - 1} tokens"
+                )
             token_times.append(time.perf_counter())
             events.put(("token", token_id))
 
         def run() -> None:
+            start = time.perf_counter()
             try:
-                with self._lock:
-                    start = time.perf_counter()
-                    token_times.append(start)
+                token_times.append(start)
+                if feature_id and self.kv_cache is not None and self.kv_cache.enabled:
+                    self.kv_cache.generate(self.half, feature_id, prompt, features, options, on_token)
+                else:
                     self.half.generate(prompt, features, options, on_token=on_token)
                 events.put(("end", None))
             except _Cancelled:
                 events.put(("end", None))
             except Exception as exc:
                 events.put(("error", exc))
+            finally:
+                admission.release(time.perf_counter() - start)
 
         worker = threading.Thread(target=run, name="rx-generate", daemon=True)
         worker.start()

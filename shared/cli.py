@@ -5,12 +5,20 @@ splitvlm tx serve --rx HOST:PORT        # Tx: gRPC :50051
 splitvlm ask IMAGE "question"           # ask a running Tx
 splitvlm demo                           # both services on loopback, one question, then exit
 splitvlm calibrate --synthetic 32 --codec 'pca:k=16|int8|zstd' --out a   # fit a calibrated codec
+splitvlm config show rx|tx              # every setting: env variable, flag, default, current value
+splitvlm health rx|tx                   # probe a running service (container healthchecks)
+
+Answers go to stdout, errors (one line, exit 2) and notes to stderr. Piped output is not
+wrapped (see `make_console`).
 """
 
 from __future__ import annotations
 
-import logging
+import json
+import os
+import sys
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,120 +27,292 @@ from rich.console import Console
 from rich.table import Table
 
 from shared import __version__
-from shared.config import DEFAULT_MODEL, RxSettings, TxSettings
+from shared.cli_settings import SETTING_FLAGS, build_settings, check_codecs, default_help, settings_rows
+from shared.config import DEFAULT_MODEL
 from shared.errors import SplitVlmError
+from shared.logs import setup_logging
 from shared.split.base import SplitPoint
+
+try:  # typer >= 0.2x carries its own copy of click, whose exceptions are the ones raised
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
+
+# Width for output that is not a terminal (pipes, logs): wide enough that tables are never cut.
+PIPE_WIDTH = 240
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console that wraps nothing it prints, and renders tables for logs at a wide width when
+    the output is not a terminal (COLUMNS still wins)."""
+    probe = Console(stderr=stderr)
+    if probe.is_terminal or os.environ.get("COLUMNS"):
+        return Console(stderr=stderr, soft_wrap=True)
+    return Console(stderr=stderr, soft_wrap=True, width=PIPE_WIDTH)
+
 
 app = typer.Typer(help="Split inference for vision-language models.", no_args_is_help=True)
 rx_app = typer.Typer(help="The server side: connector + language model.", no_args_is_help=True)
 tx_app = typer.Typer(help="The edge side: image processor + vision encoder + codec.", no_args_is_help=True)
+config_app = typer.Typer(help="Service settings.", no_args_is_help=True)
 app.add_typer(rx_app, name="rx")
 app.add_typer(tx_app, name="tx")
-console = Console()
-
-ModelOpt = Annotated[
-    str | None,
-    typer.Option(
-        help=f"Hub id (from the local HF cache), local folder, or builtin:NAME [default: {DEFAULT_MODEL}]."
-    ),
-]
-ArtifactOpt = Annotated[
-    list[Path] | None,
-    typer.Option(
-        "--codec-artifact",
-        help="Calibration artifact (from `splitvlm calibrate`) for a calibrated codec; repeatable.",
-    ),
-]
-SplitOpt = Annotated[
-    SplitPoint | None, typer.Option(help="Where the model is cut [default: after_vision_tower].")
-]
+app.add_typer(config_app, name="config")
+console = make_console()
+err_console = make_console(stderr=True)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class Role(str, Enum):
+    rx = "rx"
+    tx = "tx"
 
 
-def _settings(cls: type[Any], **overrides: Any) -> Any:
-    """Build settings from env vars, with CLI flags that were given taking precedence."""
-    return cls(**{k: v for k, v in overrides.items() if v is not None})
+def _setting_opt(role: str, name: str, help: str) -> Any:
+    """A serve flag for a setting: its name from SETTING_FLAGS, its default shown from the settings."""
+    return typer.Option(SETTING_FLAGS[role][name], help=help, show_default=default_help(role, name))
+
+
+MODEL_HELP = (
+    "Hub id (org/name: downloaded into HF_HOME unless HF_HUB_OFFLINE=1), local folder, or builtin:NAME."
+)
+SPLIT_HELP = "Where the model is cut."
+ARTIFACT_HELP = "Calibration artifact (from `splitvlm calibrate`) for a calibrated codec; repeatable."
+LOG_LEVEL_HELP = "debug, info (one access line per request), warning, error."
+LOG_JSON_HELP = "Log JSON lines instead of text."
+ArtifactOpt = Annotated[list[Path] | None, typer.Option("--codec-artifact", help=ARTIFACT_HELP)]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        console.print(f"splitvlm {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
 
 
 @app.callback()
 def _main(
-    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            help="debug, info, warning, error; for `rx serve` / `tx serve` use their --log-level.",
+            show_default="warning",
+        ),
+    ] = None,
+    version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        ),
+    ] = None,
 ) -> None:
-    _setup_logging(log_level)
+    setup_logging(log_level or "warning")
 
 
 @app.command()
 def version() -> None:
     """Print the version."""
-    console.print(f"splitvlm {__version__}")
+    console.print(f"splitvlm {__version__}", markup=False, highlight=False)
 
 
 @rx_app.command("serve")
 def rx_serve(
-    model: ModelOpt = None,
-    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
-    grpc_port: Annotated[int | None, typer.Option(help="gRPC port.")] = None,
-    http_port: Annotated[int | None, typer.Option(help="HTTP port.")] = None,
-    split: SplitOpt = None,
-    codec_artifact: ArtifactOpt = None,
+    model: Annotated[str | None, _setting_opt("rx", "model", MODEL_HELP)] = None,
+    host: Annotated[str | None, _setting_opt("rx", "host", "Bind address.")] = None,
+    grpc_port: Annotated[int | None, _setting_opt("rx", "grpc_port", "gRPC port.")] = None,
+    http_port: Annotated[
+        int | None, _setting_opt("rx", "http_port", "HTTP port (API, /metrics, /docs).")
+    ] = None,
+    split: Annotated[SplitPoint | None, _setting_opt("rx", "split_point", SPLIT_HELP)] = None,
+    codecs: Annotated[
+        str | None, _setting_opt("rx", "codecs", "Codec presets or specs this Rx accepts, comma-separated.")
+    ] = None,
+    codec_artifact: Annotated[list[Path] | None, _setting_opt("rx", "codec_artifacts", ARTIFACT_HELP)] = None,
     fold_decoder: Annotated[
         bool | None,
         typer.Option(
+            "--fold-decoder/--no-fold-decoder",
             help="Fold a linear codec decoder (pca, sparse) into the projector's first Linear "
-            "(compressed-domain decoding) [default: on, or SPLITVLM_RX_FOLD_DECODER]."
+            "(compressed-domain decoding).",
+            show_default=default_help("rx", "fold_decoder"),
         ),
+    ] = None,
+    max_prompt_chars: Annotated[
+        int | None, _setting_opt("rx", "max_prompt_chars", "Longest prompt accepted.")
+    ] = None,
+    grpc_workers: Annotated[int | None, _setting_opt("rx", "grpc_workers", "gRPC worker threads.")] = None,
+    log_level: Annotated[str | None, _setting_opt("rx", "log_level", LOG_LEVEL_HELP)] = None,
+    log_json: Annotated[
+        bool | None,
+        typer.Option("--log-json", help=LOG_JSON_HELP, show_default=default_help("rx", "log_json")),
     ] = None,
 ) -> None:
     """Serve the Rx (gRPC + HTTP) until interrupted."""
     from rx_service.server import start_rx
+    from shared.config import split_codec_list
 
-    settings = _settings(
-        RxSettings,
-        model=model,
-        host=host,
-        grpc_port=grpc_port,
-        http_port=http_port,
-        split_point=split,
-        codec_artifacts=codec_artifact or None,
-        fold_decoder=fold_decoder,
+    settings: Any = _or_exit(
+        lambda: build_settings(
+            "rx",
+            model=model,
+            host=host,
+            grpc_port=grpc_port,
+            http_port=http_port,
+            split_point=split,
+            codecs=split_codec_list(codecs) if codecs is not None else None,
+            codec_artifacts=codec_artifact or None,
+            fold_decoder=fold_decoder,
+            max_prompt_chars=max_prompt_chars,
+            grpc_workers=grpc_workers,
+            log_level=log_level,
+            log_json=log_json,
+        )
     )
-    with console.status(f"loading {settings.model} (Rx half)"):
+    _or_exit(lambda: check_codecs("rx", settings))
+    setup_logging(settings.log_level, settings.log_json)
+    with err_console.status(f"loading {settings.model} (Rx half)"):
         running = _or_exit(lambda: start_rx(settings))
-    console.print(f"Rx ready: gRPC {running.grpc_address}, HTTP {running.http_url}")
+    err_console.print(
+        f"Rx ready: gRPC {running.grpc_address}, HTTP {running.http_url} (/docs, /metrics)",
+        markup=False,
+        highlight=False,
+    )
     _notice(running.engine.notice)
     _serve_forever(running)
 
 
 @tx_app.command("serve")
 def tx_serve(
-    rx: Annotated[str | None, typer.Option(help="HOST:PORT of the Rx gRPC server.")] = None,
-    model: ModelOpt = None,
-    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
-    port: Annotated[int | None, typer.Option(help="gRPC port.")] = None,
-    codec: Annotated[str | None, typer.Option(help="Default codec preset or spec.")] = None,
-    split: SplitOpt = None,
-    codec_artifact: ArtifactOpt = None,
+    rx: Annotated[str | None, _setting_opt("tx", "rx_address", "HOST:PORT of the Rx gRPC server.")] = None,
+    model: Annotated[str | None, _setting_opt("tx", "model", MODEL_HELP)] = None,
+    host: Annotated[str | None, _setting_opt("tx", "host", "Bind address.")] = None,
+    port: Annotated[int | None, _setting_opt("tx", "port", "gRPC port.")] = None,
+    codec: Annotated[str | None, _setting_opt("tx", "codec", "Default codec preset or spec.")] = None,
+    split: Annotated[SplitPoint | None, _setting_opt("tx", "split_point", SPLIT_HELP)] = None,
+    codec_artifact: Annotated[list[Path] | None, _setting_opt("tx", "codec_artifacts", ARTIFACT_HELP)] = None,
+    max_prompt_chars: Annotated[
+        int | None, _setting_opt("tx", "max_prompt_chars", "Longest prompt accepted.")
+    ] = None,
+    rx_timeout_s: Annotated[
+        float | None, _setting_opt("tx", "rx_timeout_s", "Deadline of one call to the Rx, seconds.")
+    ] = None,
+    grpc_workers: Annotated[int | None, _setting_opt("tx", "grpc_workers", "gRPC worker threads.")] = None,
+    metrics_port: Annotated[
+        int | None, _setting_opt("tx", "metrics_port", "HTTP port of Prometheus /metrics.")
+    ] = None,
+    log_level: Annotated[str | None, _setting_opt("tx", "log_level", LOG_LEVEL_HELP)] = None,
+    log_json: Annotated[
+        bool | None,
+        typer.Option("--log-json", help=LOG_JSON_HELP, show_default=default_help("tx", "log_json")),
+    ] = None,
 ) -> None:
     """Serve the Tx until interrupted."""
     from tx_service.server import start_tx
 
-    settings = _settings(
-        TxSettings,
-        rx_address=rx,
-        model=model,
-        host=host,
-        port=port,
-        codec=codec,
-        split_point=split,
-        codec_artifacts=codec_artifact or None,
+    settings: Any = _or_exit(
+        lambda: build_settings(
+            "tx",
+            rx_address=rx,
+            model=model,
+            host=host,
+            port=port,
+            codec=codec,
+            split_point=split,
+            codec_artifacts=codec_artifact or None,
+            max_prompt_chars=max_prompt_chars,
+            rx_timeout_s=rx_timeout_s,
+            grpc_workers=grpc_workers,
+            metrics_port=metrics_port,
+            log_level=log_level,
+            log_json=log_json,
+        )
     )
-    with console.status(f"loading {settings.model} (Tx half)"):
+    _or_exit(lambda: check_codecs("tx", settings))
+    setup_logging(settings.log_level, settings.log_json)
+    with err_console.status(f"loading {settings.model} (Tx half)"):
         running = _or_exit(lambda: start_tx(settings))
-    console.print(f"Tx ready on {running.address}, sending to Rx {settings.rx_address}")
+    err_console.print(
+        f"Tx ready on {running.address}, sending to Rx {settings.rx_address}; metrics {running.metrics_url}",
+        markup=False,
+        highlight=False,
+    )
+    _notice(running.engine.notice)
     _serve_forever(running)
+
+
+@config_app.command("show")
+def config_show(role: Annotated[Role, typer.Argument(help="rx or tx.")]) -> None:
+    """Every setting of a service: env variable, serve flag, default, and the value it has here."""
+    settings = _or_exit(lambda: build_settings(role.value))
+    table = Table(title=f"splitvlm {role.value} settings (current: from the environment)")
+    for col in ("setting", "env variable", "flag", "default", "current"):
+        table.add_column(col, overflow="fold")
+    for row in settings_rows(role.value, settings):
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def health(
+    role: Annotated[
+        str, typer.Argument(help="rx, tx, or auto (the service this container runs, from PID 1's command).")
+    ] = "auto",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="HOST:PORT of its gRPC server.", show_default="127.0.0.1 and the service's port setting"
+        ),
+    ] = None,
+    timeout_s: Annotated[float, typer.Option(min=0.1, help="Give up after this long.")] = 5.0,
+) -> None:
+    """Probe a running Rx or Tx over gRPC (its Info call); exit 0 when it answers, 1 when not."""
+    from shared.errors import SettingError
+
+    def probe() -> str:
+        which = _container_role() if role == "auto" else role
+        if which not in ("rx", "tx"):
+            raise SettingError(f"health: role must be rx, tx or auto, not {role!r}")
+        target = address or _local_address(which)
+        if which == "rx":
+            from rx_service.client import RxClient
+
+            with RxClient(target) as rx_client:
+                info = rx_client.info(timeout_s=timeout_s)
+        else:
+            from tx_service.client import TxClient
+
+            with TxClient(target, timeout_s=timeout_s) as tx_client:
+                info = tx_client.info()
+        return f"{which} {target} ok: {info.model_id} ({info.architecture}), splitvlm {info.version}"
+
+    try:
+        line = probe()
+    except SplitVlmError as exc:
+        err_console.print(f"unhealthy: {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    console.print(line, markup=False, highlight=False)
+
+
+def _container_role() -> str:
+    """rx or tx from PID 1's command line (`splitvlm rx serve` / `splitvlm tx serve`)."""
+    try:
+        return role_from_cmdline(Path("/proc/1/cmdline").read_bytes())
+    except OSError:
+        return ""
+
+
+def role_from_cmdline(raw: bytes) -> str:
+    """rx or tx from a NUL-separated command line such as ``python splitvlm rx serve``; "" if neither."""
+    words = [a.decode(errors="replace") for a in raw.split(b"\0")]
+    for i, word in enumerate(words[:-1]):
+        if word in ("rx", "tx") and words[i + 1] == "serve":
+            return word
+    return ""
+
+
+def _local_address(role: str) -> str:
+    """The service's own address as the settings here give it; a wildcard bind is probed on loopback."""
+    settings: Any = build_settings(role)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "", "::", "[::]") else settings.host
+    return f"{host}:{settings.grpc_port if role == 'rx' else settings.port}"
 
 
 @app.command()
@@ -151,12 +331,19 @@ def ask(
             min=0.0, max=1.0, help="Rate control: the smallest payload keeping mean per-token cosine >= C."
         ),
     ] = 0.0,
+    json_out: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print one JSON object (text, codec, bytes, timings, notice) instead of streaming."
+        ),
+    ] = False,
 ) -> None:
-    """Ask a running Tx a question about an image; streams the answer."""
+    """Ask a running Tx a question about an image; streams the answer to stdout, details to stderr."""
     from tx_service.client import TxClient
 
     def run() -> None:
         with TxClient(tx) as client:
+            notice = client.info().notice
             chunks = client.ask_stream(
                 image,
                 question,
@@ -165,15 +352,48 @@ def ask(
                 target_bytes=target_bytes,
                 target_fidelity=target_fidelity,
             )
+            if json_out:
+                from shared.answer import Answer
+
+                answer = Answer.from_chunks(chunks)
+                print(json.dumps(ask_json(answer, notice)))
+                return
+            if notice:
+                _notice(notice)
             for chunk in chunks:
                 console.print(chunk.text, end="", markup=False, highlight=False)
                 if chunk.done:
                     console.print()
-                    console.print(_bytes_line(chunk.payload_bytes, chunk.wire_bytes, chunk.codec_spec))
+                    err_console.print(
+                        _bytes_line(chunk.payload_bytes, chunk.wire_bytes, chunk.codec_spec),
+                        markup=False,
+                        highlight=False,
+                    )
                     if chunk.rate_control:
-                        console.print(f"rate control: {chunk.rate_control}", markup=False, highlight=False)
+                        err_console.print(
+                            f"rate control: {chunk.rate_control}", markup=False, highlight=False
+                        )
 
     _or_exit(run)
+
+
+def ask_json(answer: Any, notice: str) -> dict[str, Any]:
+    """`ask --json`'s object."""
+    return {
+        "text": answer.text,
+        "codec": answer.codec_spec,
+        "bytes": {
+            "payload": answer.payload_bytes,
+            "wire": answer.wire_bytes,
+            "raw_features": answer.feature_bytes,
+        },
+        "timings_ms": answer.timings_ms,
+        "notice": notice,
+        "token_ids": answer.token_ids,
+        "request_id": answer.request_id,
+        "cache_hit": answer.cache_hit,
+        "rate_control": answer.rate_control,
+    }
 
 
 @app.command()
@@ -181,7 +401,7 @@ def demo(
     image: Annotated[Path | None, typer.Option(help="Image file (default: a generated scene).")] = None,
     question: Annotated[str | None, typer.Option(help="Question (default: one about the scene).")] = None,
     model: Annotated[
-        str, typer.Option(help="Hub id (local HF cache), local folder or builtin:NAME.")
+        str, typer.Option(help="Hub id (org/name), local folder or builtin:NAME.")
     ] = DEFAULT_MODEL,
     codec: Annotated[str, typer.Option(help="Codec preset or spec.")] = "int8",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 24,
@@ -450,15 +670,31 @@ def _bytes_line(payload: int, wire: int, codec: str) -> str:
 
 def _notice(notice: str) -> None:
     if notice:
-        console.print(f"[bold yellow]note:[/] {notice}")
+        err_console.print(f"note: {notice}", markup=False, highlight=False)
+
+
+# Modules of the `research` extra and what needs them.
+_RESEARCH_MODULES = {"skimage": "reference scenes", "matplotlib": "bench plots"}
 
 
 def _or_exit(fn: Any) -> Any:
+    """Run ``fn``; a refusal (SplitVlmError) becomes one line on stderr and exit status 2."""
     try:
         return fn()
     except SplitVlmError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+        _error_line(str(exc))
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        if root not in _RESEARCH_MODULES:
+            raise
+        _error_line(
+            f"this command needs {root} ({_RESEARCH_MODULES[root]}): pip install 'splitvlm[research]'"
+        )
+
+
+def _error_line(message: str) -> None:
+    err_console.print("error: " + " ".join(message.split()), markup=False, highlight=False)
+    raise typer.Exit(2)
 
 
 def _serve_forever(running: Any) -> None:
@@ -471,16 +707,9 @@ def _serve_forever(running: Any) -> None:
 
 
 def _split_codec_list(text: str) -> list[str]:
-    """Comma-separated codec specs; a piece like ``granularity=token`` continues the previous spec."""
-    specs: list[str] = []
-    for piece in (p.strip() for p in text.split(",")):
-        if not piece:
-            continue
-        if specs and "=" in piece.split("|")[0] and ":" not in piece.split("|")[0]:
-            specs[-1] += "," + piece
-        else:
-            specs.append(piece)
-    return specs
+    from shared.config import split_codec_list
+
+    return split_codec_list(text)
 
 
 @app.command("bench")
@@ -492,7 +721,8 @@ def bench_cmd(
     codecs: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated codec presets/specs [default: lossless,fp16,int8,balanced,tiny,...]."
+            help="Comma-separated codec presets/specs.",
+            show_default="lossless,fp16,int8,balanced,tiny and two mixes",
         ),
     ] = None,
     image_codecs: Annotated[
@@ -515,11 +745,11 @@ def bench_cmd(
     ] = True,
     validate_mbps: Annotated[
         float | None,
-        typer.Option(min=0.001, help="Rate of the throttled link [default: the lowest --bandwidths]."),
+        typer.Option(min=0.001, help="Rate of the throttled link.", show_default="the lowest --bandwidths"),
     ] = None,
     image_folder: Annotated[
         Path | None,
-        typer.Option(help="Folder of the --questions images [default: its folder].", file_okay=False),
+        typer.Option(help="Folder of the --questions images.", show_default="its folder", file_okay=False),
     ] = None,
     questions: Annotated[
         Path | None,
@@ -594,8 +824,152 @@ def bench_cmd(
     _or_exit(run)
 
 
+def _wide_help() -> None:
+    """Piped `--help` at PIPE_WIDTH, so that no default or env variable name is cut off."""
+    try:
+        from typer import rich_utils
+    except ImportError:  # pragma: no cover - typer without rich
+        return
+    if hasattr(rich_utils, "MAX_WIDTH") and not os.environ.get("TERMINAL_WIDTH"):
+        rich_utils.MAX_WIDTH = PIPE_WIDTH
+
+
+# ---- issue 13: packets for curl users, and push mode ----------------------------------------
+
+
+@app.command("encode")
+def encode_cmd(
+    image: Annotated[Path, typer.Argument(help="Image file.", exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option(help="Where to write the serialized FeaturePacket.")] = Path("pkt.bin"),
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    codec: Annotated[str | None, typer.Option(help="Codec preset or spec [default: the Tx's, int8].")] = None,
+    split: Annotated[SplitPoint | None, typer.Option(help=SPLIT_HELP)] = None,
+    codec_artifact: ArtifactOpt = None,
+) -> None:
+    """Encode an image into a FeaturePacket file (vision half only, no Rx needed), for
+    `curl -F packet=@pkt.bin -F prompt=... http://RX:8061/v1/generate` or POST /v1/features."""
+    from tx_service.engine import TxEngine
+    from tx_service.openai_api import encode_image
+
+    def run() -> None:
+        settings: Any = build_settings(
+            "tx", model=model, codec=codec, split_point=split, codec_artifacts=codec_artifact or None
+        )
+        with err_console.status(f"loading {settings.model} (Tx half)"):
+            engine = TxEngine.load(settings)
+        data, header = encode_image(engine, image.read_bytes(), codec or "")
+        out.write_bytes(data)
+        console.print(
+            f"wrote {out}: {len(data):,} B packet, payload {header.payload_size:,} B "
+            f"(codec {header.codec_spec})",
+            markup=False,
+            highlight=False,
+        )
+
+    _or_exit(run)
+
+
+@tx_app.command("stream")
+def tx_stream(
+    source: Annotated[
+        Path,
+        typer.Option(
+            help="Folder of images (name order), video file, /dev/videoN, or GIF/APNG/TIFF.", exists=True
+        ),
+    ],
+    stream_id: Annotated[str, typer.Option(help="Stream id on the Rx, e.g. cam1.")],
+    rx: Annotated[str | None, typer.Option(help="HOST:PORT of the Rx gRPC server.")] = None,
+    fps: Annotated[
+        float | None, typer.Option(min=0.01, help="Frame rate [default: as fast as encoding].")
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option(min=1, help="Frames sent and not yet acknowledged, at most [default: 4].")
+    ] = None,
+    loop: Annotated[bool, typer.Option(help="Start the source again when it ends (until Ctrl-C).")] = False,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    codec: Annotated[str | None, typer.Option(help="Codec preset or spec [default: int8].")] = None,
+    split: Annotated[SplitPoint | None, typer.Option(help=SPLIT_HELP)] = None,
+    codec_artifact: ArtifactOpt = None,
+) -> None:
+    """Push a stream of frames to the Rx (Publish): newest frame wins when the uplink is slow,
+    drops are counted, and the stream reconnects with backoff when the Rx restarts."""
+    import itertools
+
+    from rx_service.store.base import check_stream_id
+    from tx_service.engine import TxEngine
+    from tx_service.streamer import FrameStreamer, frames_from
+
+    def run() -> None:
+        check_stream_id(stream_id)
+        settings: Any = build_settings(
+            "tx",
+            rx_address=rx,
+            model=model,
+            codec=codec,
+            split_point=split,
+            codec_artifacts=codec_artifact or None,
+        )
+        with err_console.status(f"loading {settings.model} (Tx half)"):
+            engine = TxEngine.load(settings)
+        frames = (
+            itertools.chain.from_iterable(frames_from(source) for _ in itertools.count())
+            if loop
+            else frames_from(source)
+        )
+        streamer = FrameStreamer(engine, stream_id, window=window, fps=fps)
+        console.print(f"streaming {source} as {stream_id!r} to Rx {settings.rx_address}", markup=False)
+        try:
+            stats = streamer.run(frames)
+        except KeyboardInterrupt:
+            streamer.stop()
+            stats = streamer.stats
+        console.print(stats.line(), markup=False, highlight=False, soft_wrap=True)
+
+    _or_exit(run)
+
+
+@app.command("certs")
+def certs_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for ca.pem, rx.pem/key, tx.pem/key, client.pem/key.")],
+    host: Annotated[
+        list[str] | None, typer.Option(help="Extra DNS name or IP in the server certificates; repeatable.")
+    ] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 365,
+) -> None:
+    """Make a development CA and TLS certificates for the Rx, the Tx and a client (mTLS)."""
+    from shared.certs import make_dev_certs
+
+    files = make_dev_certs(out, host or [], days)
+    lines = [
+        f"wrote {', '.join(p.name for p in files)} to {out}",
+        f"Rx: SPLITVLM_RX_TLS_CERT={out}/rx.pem SPLITVLM_RX_TLS_KEY={out}/rx.key",
+        f"    (mTLS: SPLITVLM_RX_TLS_CLIENT_CA={out}/ca.pem)",
+        f"Tx: SPLITVLM_TX_TLS_CA={out}/ca.pem SPLITVLM_TX_TLS_CERT={out}/tx.pem",
+        f"    SPLITVLM_TX_TLS_KEY={out}/tx.key",
+    ]
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
-    app()
+    """Entry point: usage errors too are one line on stderr (exit 2), never a box or a traceback."""
+    if not sys.stdout.isatty() and not os.environ.get("COLUMNS"):
+        _wide_help()
+    no_args = getattr(click_exceptions, "NoArgsIsHelpError", ())
+    try:
+        code = app(standalone_mode=False)
+    except no_args:
+        code = 0  # typer printed the help
+    except click_exceptions.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        err_console.print(
+            "error: " + " ".join(exc.format_message().split()) + hint, markup=False, highlight=False
+        )
+        code = 2
+    except typer.Abort:
+        err_console.print("aborted", markup=False, highlight=False)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

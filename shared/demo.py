@@ -53,7 +53,9 @@ def run_demo(
         rx = start_rx(RxSettings(model=model, grpc_port=0, http_port=0))
     with console.status("starting Tx on loopback"):
         tx = start_tx(
-            TxSettings(model=model, port=0, rx_address=rx.grpc_address, codec=codec), require_rx=True
+            TxSettings(model=model, port=0, rx_address=rx.grpc_address, codec=codec),
+            require_rx=True,
+            metrics=False,
         )
     console.print(
         f"Rx: gRPC {rx.grpc_address}, HTTP {rx.http_url} | Tx: gRPC {tx.address} "

@@ -100,3 +100,18 @@ _HTTP_FOR_GRPC = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+
+
+class SettingError(SplitVlmError):
+    """A setting is invalid or cannot be honoured (e.g. its port is taken); names the setting and the fix."""
+
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 500
+
+
+def port_in_use(what: str, host: str, port: int, setting: str) -> SettingError:
+    """The one-line error for a port another process holds; `setting` is the env variable that moves it."""
+    return SettingError(
+        f"{what} port {port} on {host} is in use by another process: stop it, or choose another port "
+        f"with {setting} (or its flag, see `splitvlm config show`)"
+    )

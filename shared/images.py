@@ -63,12 +63,15 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             width, height = img.size  # read from the header, nothing decoded yet
             if width * height > max_pixels:
-                raise PacketTooLargeError(
-                    f"image is {width}x{height} = {width * height} pixels; limit {max_pixels}"
+                # An image bomb (a 107-byte PNG can declare 7071x7071) is refused before any pixel
+                # buffer exists: Image.open reads only the header, .load() would allocate.
+                raise ImageError(
+                    f"image is {width}x{height} = {width * height} pixels; this Tx decodes at most "
+                    f"{max_pixels} (max_image_pixels)"
                 )
             img.load()
             return img.convert("RGB")
-    except PacketTooLargeError:
+    except (PacketTooLargeError, ImageError):
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"upload is not a decodable image ({type(exc).__name__}: {exc})") from None

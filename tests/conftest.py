@@ -15,6 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEST_MODEL = "builtin:tiny-llava"
 os.environ.setdefault("SPLITVLM_RX_MODEL", TEST_MODEL)
 os.environ.setdefault("SPLITVLM_TX_MODEL", TEST_MODEL)
+# Every Tx a test starts serves /metrics on a free port, never the fixed default (8051).
+os.environ.setdefault("SPLITVLM_TX_METRICS_PORT", "0")
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +38,8 @@ def rx(cache_dir: Path, model_dir: Path) -> Iterator[object]:
     from rx_service.server import start_rx
     from shared.config import RxSettings
 
-    running = start_rx(RxSettings(grpc_port=0, http_port=0, cache_dir=cache_dir))
+    # The session Rx accepts any calibration-free codec: tests send many specs.
+    running = start_rx(RxSettings(grpc_port=0, http_port=0, cache_dir=cache_dir, codecs=["any"]))
     yield running
     running.stop()
 
@@ -74,3 +77,40 @@ def make_images() -> list[Image.Image]:
 @pytest.fixture(scope="session")
 def images() -> list[Image.Image]:
     return make_images()
+
+
+@pytest.fixture(scope="session")
+def make_rx(rx: object, cache_dir: Path) -> Iterator[object]:
+    """Start another Rx over the session Rx's loaded model, with settings overridden (TLS, tokens,
+    timeouts, limits); every one started is stopped at the end of the session."""
+    from rx_service.engine import RxEngine
+    from rx_service.server import start_rx
+    from shared.config import RxSettings
+
+    started: list[object] = []
+    base = rx.engine  # type: ignore[attr-defined]
+
+    def make(http: bool = True, **overrides: object) -> object:
+        fields: dict[str, object] = {
+            "grpc_port": 0,
+            "http_port": 0,
+            "cache_dir": cache_dir,
+            "codecs": ["any"],
+        }
+        settings = RxSettings(**(fields | overrides))  # type: ignore[arg-type]
+        engine = RxEngine(
+            settings=settings,
+            half=base.half,
+            model_id=base.model_id,
+            fingerprint=base.fingerprint,
+            architecture=base.architecture,
+            notice=base.notice,
+            artifacts=base.artifacts,
+        )
+        running = start_rx(settings, engine=engine, http=http)
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        running.stop()  # type: ignore[attr-defined]

@@ -135,8 +135,11 @@ def test_invalid_targets(
 # ---- presets ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("preset", "fraction"), [("balanced", 1 / 16), ("tiny", 1 / 64)])
-def test_reducing_presets_meet_their_size_on_tiny_llava(
+POOLING = {"pool:2|linear:bits=3|zstd": 1 / 16, "pool:4|linear:bits=2|zstd": 1 / 64}  # the old presets
+
+
+@pytest.mark.parametrize(("preset", "fraction"), POOLING.items())
+def test_pooling_specs_meet_their_size_on_tiny_llava(
     scene_features: list[torch.Tensor], preset: str, fraction: float
 ) -> None:
     codec = build_codec(preset)
@@ -148,10 +151,39 @@ def test_reducing_presets_meet_their_size_on_tiny_llava(
         assert tuple(codec.decode(payload, shape).shape) == shape
 
 
-@pytest.mark.parametrize("preset", ["balanced", "tiny"])
-def test_reducing_presets_are_refused_without_token_reduction(preset: str) -> None:
+@pytest.mark.parametrize("preset", POOLING)
+def test_pooling_specs_are_refused_without_token_reduction(preset: str) -> None:
     with pytest.raises(CodecError, match="does not support token reduction"):
         _no_token_reduction(build_codec(preset))
+
+
+@pytest.mark.parametrize(("preset", "fraction"), [("balanced", 1 / 16), ("tiny", 1 / 64)])
+def test_presets_meet_their_size_on_the_reference_model(preset: str, fraction: float) -> None:
+    """`balanced` / `tiny` keep every position (salient tokens + calibrated fill): every split
+    takes them, and the reference model ships their artifacts, found without flags."""
+    from shared.codecs.artifacts import artifacts_for
+    from shared.codecs.calibrate import build_codec_with
+    from shared.models.registry import resolve_model
+    from shared.split import load_tx_half
+
+    folder = resolve_model("builtin:reference-llava")
+    codec = build_codec_with(preset, artifacts_for("builtin:reference-llava", folder))
+    assert not codec.token_reducers
+    _no_token_reduction(codec)  # accepted by a split without token reduction
+    half = load_tx_half(folder)
+    for seed in (10_000_000, 10_000_001, 10_000_002):
+        feats = half.encode(half.preprocess([make_scene(seed).image])).features
+        payload = codec.encode(feats)
+        assert len(payload) <= fraction * feats.numel() * 2, (preset, len(payload))
+        assert codec.decode(payload, tuple(feats.shape)).shape == feats.shape
+
+
+def test_presets_without_an_artifact_name_the_calibrate_command(tmp_path: Any) -> None:
+    from shared.codecs.artifacts import ArtifactIndex
+    from shared.codecs.calibrate import build_codec_with
+
+    with pytest.raises(CodecError, match="splitvlm calibrate --model m --synthetic 256"):
+        build_codec_with("balanced", ArtifactIndex("sha256:" + "0" * 64, model="m"))
 
 
 # ---- end to end over loopback gRPC --------------------------------------------------------------

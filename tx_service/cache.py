@@ -30,6 +30,7 @@ def cache_key(image_bytes: bytes, model_fingerprint: str, codec_fingerprint: str
 class CachedPacket:
     header: pb.FeatureHeader
     payload: bytes
+    source_bytes: int = 0  # the raw features' size before the codec (for ratios)
 
     @property
     def nbytes(self) -> int:
@@ -59,8 +60,8 @@ class PacketCache:
             CACHE_EVENTS.labels("hit").inc()
             return entry
 
-    def put(self, key: CacheKey, header: pb.FeatureHeader, payload: bytes) -> None:
-        entry = CachedPacket(header=_copy(header), payload=payload)
+    def put(self, key: CacheKey, header: pb.FeatureHeader, payload: bytes, source_bytes: int = 0) -> None:
+        entry = CachedPacket(header=_copy(header), payload=payload, source_bytes=source_bytes)
         if entry.nbytes > self.max_bytes:
             return  # larger than the whole cache: never stored
         with self._lock:

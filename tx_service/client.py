@@ -18,14 +18,24 @@ from shared.answer import Answer
 from shared.grpc_util import as_remote_error, open_channel, relay_errors
 from shared.images import ImageInput, image_to_bytes
 from shared.protocol import pb, pb_grpc
+from shared.security import bearer_metadata
 from shared.split import GenerationOptions
 
 
 class TxClient:
-    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        timeout_s: float = 300.0,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        """`credentials`: TLS (`shared.security.channel_credentials(ca)`); `token`: bearer token."""
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = open_channel(address)
+        self._metadata = bearer_metadata(token)
+        self._channel = open_channel(address, credentials)
         self._stub = pb_grpc.TxServiceStub(self._channel)
 
     def ask_stream(
@@ -58,7 +68,8 @@ class TxClient:
             target_fidelity=target_fidelity,
             options=options_to_pb(GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed)),
         )
-        return relay_errors(self._stub.Ask(request, timeout=self.timeout_s), f"tx {self.address}")
+        stream = self._stub.Ask(request, timeout=self.timeout_s, metadata=self._metadata)
+        return relay_errors(stream, f"tx {self.address}")
 
     def ask(self, image: ImageInput, prompt: str, **kwargs: Any) -> Answer:
         """Ask one question about one image and wait for the whole answer."""
@@ -66,7 +77,7 @@ class TxClient:
 
     def info(self) -> pb.InfoResponse:
         try:
-            return self._stub.Info(pb.InfoRequest(), timeout=self.timeout_s)
+            return self._stub.Info(pb.InfoRequest(), timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise as_remote_error(exc, f"tx {self.address}") from None
 

@@ -25,6 +25,7 @@ from shared.codecs.rate import RateController, RateTarget, usable_ladder
 from shared.config import TxSettings
 from shared.errors import BadRequestError, FingerprintMismatchError
 from shared.images import decode_image
+from shared.metrics import queued
 from shared.models.card import model_notice
 from shared.models.registry import model_fingerprint, resolve_model
 from shared.protocol import pb
@@ -34,12 +35,29 @@ from shared.protocol.packet import (
     split_point_from_pb,
     split_point_to_pb,
 )
+from shared.security import channel_credentials, read_token
 from shared.split import GenerationOptions, TxHalf, check_codec_support, features_for_codec, load_tx_half
 from tx_service.cache import PacketCache, cache_key
+from tx_service.retry import call_with_retry, stream_with_retry
 
 log = logging.getLogger("splitvlm.tx")
 
 _MAX_CODECS = 32
+
+
+def rx_client(settings: TxSettings) -> RxClient:
+    """The Tx's client for its Rx: TLS when tls_ca is set (mTLS with tls_cert/tls_key), and the
+    Rx's bearer token."""
+    credentials = None
+    if settings.tls_ca is not None:
+        credentials = channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+    return RxClient(
+        settings.rx_address,
+        timeout_s=settings.rx_timeout_s,
+        chunk_bytes=settings.chunk_bytes,
+        credentials=credentials,
+        token=read_token(settings.rx_auth_token, settings.rx_auth_token_file),
+    )
 
 
 @dataclass
@@ -48,6 +66,8 @@ class EncodedImage:
     payload: bytes
     timings_ms: dict[str, float]
     rate_control: str = ""  # rate control's note when it chose the codec
+    # The vision output's size before the codec, token reduction included (for ratios).
+    source_bytes: int = 0
 
 
 @dataclass
@@ -69,17 +89,14 @@ class TxEngine:
 
     @classmethod
     def load(cls, settings: TxSettings, rx: RxClient | None = None) -> TxEngine:
-        folder = resolve_model(settings.model, settings.cache_dir)
+        folder = resolve_model(settings.model, settings.cache_dir, tx_split=settings.split_point)
         fingerprint = model_fingerprint(folder, settings.cache_dir)
         engine = cls(
             settings=settings,
             half=load_tx_half(folder, settings.split_point),
             model_id=settings.model,
             fingerprint=fingerprint,
-            rx=rx
-            or RxClient(
-                settings.rx_address, timeout_s=settings.rx_timeout_s, chunk_bytes=settings.chunk_bytes
-            ),
+            rx=rx or rx_client(settings),
             notice=model_notice(folder),
             cache=PacketCache(settings.cache_bytes),
             artifacts=ArtifactIndex.discover(
@@ -165,7 +182,7 @@ class TxEngine:
             return self._encode_rate_controlled(image, target, request_id)
         codec = self.codec(codec_name)
         timings: dict[str, float] = {}
-        with self._encode_lock, torch.inference_mode():
+        with queued("tx", self._encode_lock), torch.inference_mode():
             t0 = time.perf_counter()
             inputs = self.half.preprocess([image])
             t1 = time.perf_counter()
@@ -174,6 +191,7 @@ class TxEngine:
             else:
                 features = self.half.encode(inputs)
             t2 = time.perf_counter()
+            source_bytes = features.features.numel() * features.features.element_size()
             decoded, features = features_for_codec(codec, features)
             payload = codec.encode(features.features, scores=features.scores)
             t3 = time.perf_counter()
@@ -194,18 +212,19 @@ class TxEngine:
             tx_codec_encode=(t3 - t2) * 1e3,
             tx_serialize=(t4 - t3) * 1e3,
         )
-        return EncodedImage(header=header, payload=payload, timings_ms=timings)
+        return EncodedImage(header=header, payload=payload, timings_ms=timings, source_bytes=source_bytes)
 
     def _encode_rate_controlled(
         self, image: Image.Image, target: RateTarget, request_id: str
     ) -> EncodedImage:
         rate = self.rate_controller()
-        with self._encode_lock, torch.inference_mode():
+        with queued("tx", self._encode_lock), torch.inference_mode():
             t0 = time.perf_counter()
             inputs = self.half.preprocess([image])
             t1 = time.perf_counter()
             features = self.half.encode(inputs)
             t2 = time.perf_counter()
+            source_bytes = features.features.numel() * features.features.element_size()
             choice = rate.choose(features.features, target)
             decoded, features = features_for_codec(choice.codec, features)
             t3 = time.perf_counter()
@@ -228,7 +247,11 @@ class TxEngine:
             "tx_serialize": (t4 - t3) * 1e3,
         }
         return EncodedImage(
-            header=header, payload=choice.payload, timings_ms=timings, rate_control=choice.note()
+            header=header,
+            payload=choice.payload,
+            timings_ms=timings,
+            rate_control=choice.note(),
+            source_bytes=source_bytes,
         )
 
     def ask(
@@ -266,7 +289,7 @@ class TxEngine:
         else:
             codec_key = self.codec(codec_name).fingerprint  # a bad codec name fails before any compute
         if self._paired_with != self.fingerprint:
-            self.pair()
+            call_with_retry(self.pair, self.settings.rx_retry_budget_s)
         key = cache_key(image_bytes, self.fingerprint, codec_key)
         cached = self.cache.get(key)
         if cached is not None:
@@ -276,18 +299,27 @@ class TxEngine:
             note = ""
             if rate_controlled and target is not None:
                 note = f"{target.describe()}: chose {header.codec_spec!r} ({len(cached.payload)} B; cached)"
-            encoded = EncodedImage(header=header, payload=cached.payload, timings_ms={}, rate_control=note)
+            encoded = EncodedImage(
+                header=header,
+                payload=cached.payload,
+                timings_ms={},
+                rate_control=note,
+                source_bytes=cached.source_bytes,
+            )
         else:
             image = decode_image(image_bytes, self.settings.max_image_bytes, self.settings.max_image_pixels)
             encoded = self.encode(image, codec_name, request_id, target)
-            self.cache.put(key, encoded.header, encoded.payload)
+            self.cache.put(key, encoded.header, encoded.payload, encoded.source_bytes)
         requests = self.rx.build_requests(encoded.header, encoded.payload, prompt, options)
         wire_bytes = sum(r.ByteSize() for r in requests)
-        for chunk in self.rx.stream_requests(requests):
+        budget = self.settings.rx_retry_budget_s
+        for chunk in stream_with_retry(lambda: self.rx.stream_requests(requests), budget):
             if chunk.done:
                 chunk.timings.ms.update(encoded.timings_ms)
                 chunk.timings.ms["tx_total"] = (time.perf_counter() - started) * 1e3
                 chunk.wire_bytes = wire_bytes
                 chunk.cache_hit = cached is not None
                 chunk.rate_control = encoded.rate_control
+                if encoded.source_bytes:  # the Rx only knows the decoded (maybe token-reduced) size
+                    chunk.feature_bytes = encoded.source_bytes
             yield chunk

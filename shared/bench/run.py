@@ -426,6 +426,7 @@ def _validate_link(
                 codec_artifacts=list(config.codec_artifacts),
             ),
             require_rx=True,
+            metrics=False,  # a measuring Tx: no /metrics port to collide with a running service
         )
         groups = items.groups
         n = _validate_count(config, len(groups))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -171,6 +172,9 @@ class CalibrationArtifact:
         save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}, str(tensor_path))
         meta = self.meta() | {"fingerprint": self.fingerprint}
         json_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        # safetensors writes through a private temporary file (mode 0600); give the tensors the
+        # mode every other new file gets (the umask's, as the .json has), so both travel alike.
+        tensor_path.chmod(stat.S_IMODE(json_path.stat().st_mode))
         return tensor_path, json_path
 
     @classmethod

@@ -58,11 +58,12 @@ PRESETS: dict[str, str] = {
     "lossless": "raw|zstd:3",
     "fp16": "fp16|zstd:3",
     "int8": "int8|zstd:3",
-    # Token reduction + low-bit quantization: need a split with token-reduction support (LLaVA);
-    # others refuse them with check_codec_support's error. Calibration-free. On LLaVA-1.5 features
-    # ([576, 1024]) about 1/21 and 1/126 of the fp16 bytes; see the README for tiny-model sizes.
-    "balanced": "pool:2|linear:bits=3|zstd:3",
-    "tiny": "pool:4|linear:bits=2|zstd:3",
+    # The K most salient tokens and their positions, PCA-16, 4-bit codes with fp16 scales; the Rx
+    # fills the other positions with a calibrated vector, so every family accepts them. Calibrated:
+    # the reference model ships their artifacts (README: 95.0 % at 350 B and 92.0 % at 208 B on its
+    # held-out set). Token pooling, the earlier presets, kept 61 % and 25 % on that model.
+    "balanced": "salient:k=32|pca:k=16|linear:bits=4,scale=fp16|zstd:3",
+    "tiny": "salient:k=16|pca:k=16|linear:bits=4,scale=fp16|zstd:3",
 }
 
 # Default cap on any buffer decode produces, whatever shape the caller declares.

@@ -7,8 +7,11 @@ A reference is one of:
 - ``builtin:<name>`` — a model generated locally on first use (``builtin:tiny-llava``, random
   weights, for fast tests), built into ``<cache_dir>/models/<folder name>`` and reused afterwards;
 - a local folder holding a Hugging Face checkpoint (``config.json`` + weights);
-- a Hugging Face hub id, looked up in the local Hugging Face cache only: this code never
-  downloads anything.
+- a Hugging Face hub id (``org/name``): downloaded into the Hugging Face cache (``HF_HOME``)
+  with progress bars when the hub is reachable, the Tx fetching only the weight shards it
+  needs (`shared.models.hub`); with ``HF_HUB_OFFLINE=1`` only the cache is used.
+
+Every folder is checked for its weights (all shards, or the Tx's) before any model code runs.
 
 ``cache_dir`` defaults to ``$SPLITVLM_CACHE_DIR`` or ``~/.cache/splitvlm``.
 """
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ModelError
+from shared.models.hub import INDEX_FILE, fetch_checkpoint, offline, offline_error, remote_digests
 
 # The trained reference model, shipped in the package; builtin:tiny-llava stays for fast tests.
 DEFAULT_MODEL = "builtin:reference-llava"
@@ -122,16 +126,62 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or ref in (".", "..")
 
 
-def _check_folder(folder: Path, ref: str) -> Path:
+def _check_folder(folder: Path, ref: str, tx_split: object = None) -> Path:
     if not (folder / "config.json").is_file():
         raise ModelError(
             f"model folder {folder} (from {ref!r}) has no config.json: not a Hugging Face checkpoint"
         )
+    check_weights(folder, _tx_prefixes(folder, tx_split))
     return folder
 
 
-def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
-    """The local checkpoint folder for ``ref`` (see the module docstring); ModelError when there is none."""
+def _tx_prefixes(folder: Path, tx_split: object) -> tuple[str, ...] | None:
+    if tx_split is None:
+        return None
+    from shared.split import read_model_config, tx_weight_prefixes
+
+    return tx_weight_prefixes(read_model_config(folder), tx_split)  # type: ignore[arg-type]
+
+
+def check_weights(folder: Path, prefixes: tuple[str, ...] | None = None) -> None:
+    """ModelError unless ``folder`` holds safetensors weights: every shard its index lists, or with
+    ``prefixes`` (the Tx) every shard holding a tensor under them. Reads no tensor: it is quick and
+    runs before any model code."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"cannot read {index}: {e}") from e
+        if prefixes:
+            needed = {str(f) for k, f in weight_map.items() if str(k).startswith(prefixes)}
+        else:
+            needed = {str(f) for f in weight_map.values()}
+        missing = sorted(f for f in needed if not (folder / f).is_file())
+        if missing:
+            raise ModelError(
+                f"checkpoint {folder} lacks weight shards {', '.join(missing)} (listed in {INDEX_FILE}): "
+                "copy the complete checkpoint, or download it again"
+            )
+        return
+    if not any(folder.glob("*.safetensors")):
+        others = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = (
+            f" (it has {', '.join(others[:3])}: convert to safetensors with save_pretrained)"
+            if others
+            else ""
+        )
+        raise ModelError(
+            f"checkpoint {folder} has no *.safetensors weights{hint}: only safetensors checkpoints can be "
+            "split; point the model at the folder that holds config.json and the weights"
+        )
+
+
+def resolve_model(ref: str, cache_dir: Path | None = None, *, tx_split: object = None) -> Path:
+    """The local checkpoint folder for ``ref`` (see the module docstring); ModelError when there is none.
+
+    ``tx_split`` (a SplitPoint) resolves for a Tx cut there: only its weight shards are needed.
+    """
     ref = str(ref).strip()
     if not ref:
         raise ModelError("empty model reference")
@@ -142,29 +192,58 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
                 f"{ref} is not in this install ({folder} has no checkpoint); train it with "
                 f"`splitvlm train-reference --out {folder}`"
             )
-        return folder
+        return _check_folder(folder, ref, tx_split)
     if ref.startswith(BUILTIN_PREFIX):
         return _ensure_builtin(ref, _cache_dir(cache_dir))
 
     path = Path(ref).expanduser()
     if path.is_dir():
-        return _check_folder(path.resolve(), ref)
+        return _check_folder(path.resolve(), ref, tx_split)
     if path.exists():
         raise ModelError(f"model {ref!r} is a file, not a checkpoint folder")
-    if _looks_like_path(ref):
-        raise ModelError(f"model folder {ref!r} does not exist")
+    if _looks_like_path(ref) or ref.count("/") > 1:
+        raise ModelError(f"model folder {ref!r} does not exist (a hub id looks like org/name)")
+    return _check_folder(_hub_snapshot(ref, tx_split), ref, tx_split)
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
 
     try:
-        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError, invalid repo id, ...
+        return None
 
-        snapshot = Path(snapshot_download(ref, local_files_only=True))
-    except Exception as e:  # LocalEntryNotFoundError, invalid repo id, offline mode, ...
+
+def _hub_snapshot(repo_id: str, tx_split: object) -> Path:
+    """The snapshot folder of a hub checkpoint: the cache when offline, else downloaded (or updated)."""
+    if offline():
+        cached = _cached_snapshot(repo_id)
+        if cached is None:
+            raise offline_error(repo_id)
+        return cached
+
+    def prefixes_for(config: dict[str, object]) -> tuple[str, ...] | None:
+        if tx_split is None:
+            return None
+        from shared.split import tx_weight_prefixes
+
+        return tx_weight_prefixes(config, tx_split)  # type: ignore[arg-type]
+
+    try:
+        snapshot, _ = fetch_checkpoint(repo_id, prefixes_for)
+    except ModelError:
+        raise
+    except Exception as e:  # not found, gated, no network: huggingface_hub raises many kinds
+        cached = _cached_snapshot(repo_id)
+        if cached is not None:
+            return cached
         raise ModelError(
-            f"model {ref!r} is not a local folder and is not in the Hugging Face cache; this machine "
-            f"cannot download models, so pass a folder holding the checkpoint (or pre-fill the cache) "
-            f"[{type(e).__name__}]"
+            f"cannot download model {repo_id!r} from the Hugging Face hub: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''} (check the id and your network; private or gated "
+            "models need HF_TOKEN; HF_HUB_OFFLINE=1 uses the local cache only)"
         ) from e
-    return _check_folder(snapshot, ref)
+    return snapshot
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,9 +251,17 @@ def resolve_model(ref: str, cache_dir: Path | None = None) -> Path:
 
 
 def _fingerprint_files(folder: Path) -> list[Path]:
+    """config.json, then the weight files: those the shard index lists, or every *.safetensors."""
     config = folder / "config.json"
     if not config.is_file():
         raise ModelError(f"cannot fingerprint {folder}: it has no config.json")
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            names = {str(f) for f in json.loads(index.read_text())["weight_map"].values()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"cannot read {index}: {e}") from e
+        return [config, *(folder / n for n in sorted(names))]
     return [config, *sorted(folder.glob("*.safetensors"), key=lambda p: p.name)]
 
 
@@ -210,7 +297,13 @@ def model_fingerprint(folder: Path, cache_dir: Path | None = None) -> str:
 
     digests: list[tuple[str, str]] = []
     updates: dict[str, dict[str, object]] = {}
+    skipped = remote_digests(folder)  # shards a partial (Tx) download left on the hub
     for f in files:
+        if not f.exists():
+            if f.name not in skipped:
+                raise ModelError(f"cannot fingerprint {folder}: weight shard {f.name} is missing")
+            digests.append((f.name, skipped[f.name]))
+            continue
         real = f.resolve()  # hub cache files are symlinks to blobs
         st = real.stat()
         key = str(real)

@@ -57,6 +57,10 @@ class PacketLimits:
     max_decoded_bytes: int = 512 * 2**20
     max_meta_keys: int = 16
     max_meta_values: int = 4_096
+    max_request_id_chars: int = 128
+    max_fingerprint_chars: int = 128  # "sha256:" + 64 hex digits is 71
+    max_codec_spec_chars: int = 256
+    max_meta_key_chars: int = 64
 
 
 def split_point_to_pb(split: SplitPoint) -> pb.SplitPoint:
@@ -120,6 +124,14 @@ def _reject_unknown_fields(msg: pb.FeatureHeader | pb.FeaturePacket, what: str) 
 def validate_header(header: pb.FeatureHeader, limits: PacketLimits) -> None:
     """Check everything a header declares before any of it is trusted."""
     _reject_unknown_fields(header, "feature header")
+    for name, value, limit in (
+        ("request_id", header.request_id, limits.max_request_id_chars),
+        ("model_fingerprint", header.model_fingerprint, limits.max_fingerprint_chars),
+        ("codec_fingerprint", header.codec_fingerprint, limits.max_fingerprint_chars),
+        ("codec_spec", header.codec_spec, limits.max_codec_spec_chars),
+    ):
+        if len(value) > limit:
+            raise PacketError(f"header field {name} has {len(value)} characters; at most {limit}")
     if header.format_version not in SUPPORTED_FORMAT_VERSIONS:
         raise VersionError(
             f"packet format version {header.format_version} is not supported; "
@@ -147,6 +159,10 @@ def validate_header(header: pb.FeatureHeader, limits: PacketLimits) -> None:
     if len(header.meta) > limits.max_meta_keys:
         raise PacketError(f"packet has {len(header.meta)} metadata keys; at most {limits.max_meta_keys}")
     for key, values in header.meta.items():
+        if len(key) > limits.max_meta_key_chars:
+            raise PacketError(
+                f"a metadata key has {len(key)} characters; at most {limits.max_meta_key_chars}"
+            )
         if len(values.values) > limits.max_meta_values:
             raise PacketError(
                 f"metadata '{key}' has {len(values.values)} values; at most {limits.max_meta_values}"

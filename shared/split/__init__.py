@@ -46,6 +46,7 @@ __all__ = [
     "read_model_config",
     "register_adapter",
     "supported_architectures",
+    "tx_weight_prefixes",
 ]
 
 
@@ -57,6 +58,10 @@ class AdapterSpec:
     module: str  # e.g. "shared.split.llava"
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
+    # Checkpoint tensor prefixes the Tx reads: the vision side, and the connector when the model
+    # is cut after it (what `load_part` looks under; used to download only those shards).
+    vision_prefixes: tuple[str, ...] = ()
+    connector_prefixes: tuple[str, ...] = ()
 
     def _load(self, name: str) -> Callable[..., Any]:
         return cast(Callable[..., Any], getattr(importlib.import_module(self.module), name))
@@ -73,10 +78,22 @@ ADAPTERS: dict[str, AdapterSpec] = {}
 
 
 def register_adapter(
-    family: str, module: str, architectures: Iterable[str], model_types: Iterable[str] = ()
+    family: str,
+    module: str,
+    architectures: Iterable[str],
+    model_types: Iterable[str] = (),
+    vision_prefixes: Iterable[str] = (),
+    connector_prefixes: Iterable[str] = (),
 ) -> AdapterSpec:
     """Register (or replace) a family's adapter."""
-    spec = AdapterSpec(family, module, tuple(architectures), tuple(model_types))
+    spec = AdapterSpec(
+        family,
+        module,
+        tuple(architectures),
+        tuple(model_types),
+        tuple(vision_prefixes),
+        tuple(connector_prefixes),
+    )
     ADAPTERS[family] = spec
     return spec
 
@@ -86,30 +103,37 @@ register_adapter(
     "shared.split.llava",
     architectures=("LlavaForConditionalGeneration", "LlavaModel"),
     model_types=("llava",),
+    vision_prefixes=("model.vision_tower.", "vision_tower."),
+    connector_prefixes=("model.multi_modal_projector.", "multi_modal_projector."),
 )
 register_adapter(
     "qwen2_vl",
     "shared.split.qwen2_vl",
     architectures=("Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
     model_types=("qwen2_vl",),
+    vision_prefixes=("model.visual.", "visual."),  # the patch merger (connector) lives in visual too
 )
 register_adapter(
     "qwen2_5_vl",
     "shared.split.qwen2_vl",
     architectures=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
     model_types=("qwen2_5_vl",),
+    vision_prefixes=("model.visual.", "visual."),  # the patch merger (connector) lives in visual too
 )
 register_adapter(
     "qwen3_vl",
     "shared.split.qwen3_vl",
     architectures=("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"),
     model_types=("qwen3_vl", "qwen3_vl_moe"),
+    vision_prefixes=("model.visual.", "visual."),  # mergers and deepstack mergers too
 )
 register_adapter(
     "idefics3",
     "shared.split.idefics3",
     architectures=("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"),
     model_types=("idefics3", "smolvlm"),
+    vision_prefixes=("model.vision_model.", "vision_model."),
+    connector_prefixes=("model.connector.", "connector."),
 )
 
 
@@ -133,7 +157,19 @@ def read_model_config(folder: Path) -> dict[str, Any]:
 
 def adapter_for(folder: Path) -> AdapterSpec:
     """The adapter for the checkpoint in ``folder``; ModelError when none fits."""
-    config = read_model_config(Path(folder))
+    return adapter_for_config(read_model_config(Path(folder)), str(folder))
+
+
+def tx_weight_prefixes(config: dict[str, Any], split_point: SplitPoint | str) -> tuple[str, ...]:
+    """The checkpoint tensor prefixes the Tx half reads for ``split_point`` (see `AdapterSpec`)."""
+    spec = adapter_for_config(config, "this checkpoint")
+    if SplitPoint(split_point) is SplitPoint.AFTER_PROJECTOR:
+        return spec.vision_prefixes + spec.connector_prefixes
+    return spec.vision_prefixes
+
+
+def adapter_for_config(config: dict[str, Any], folder: str) -> AdapterSpec:
+    """The adapter for a parsed ``config.json``; ModelError naming ``folder`` when none fits."""
     architectures = [str(a) for a in (config.get("architectures") or [])]
     model_type = str(config.get("model_type") or "")
     for arch in architectures:

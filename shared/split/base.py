@@ -54,6 +54,12 @@ class VisionFeatures:
         return self.meta.get("tokens_per_image", [int(self.features.shape[0])])
 
 
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 10.0
+MAX_TOP_K = 1_000_000  # above any vocabulary
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range (and the wire's uint64)
+
+
 @dataclass
 class GenerationOptions:
     """Decoding options shared by every entry point. ``temperature == 0`` is greedy."""
@@ -71,12 +77,19 @@ class GenerationOptions:
             raise BadRequestError(
                 f"max_new_tokens must be in [1, {max_new_tokens_limit}], got {self.max_new_tokens}"
             )
-        if not 0.0 <= self.temperature <= 10.0:
-            raise BadRequestError(f"temperature must be in [0, 10], got {self.temperature}")
+        # NaN fails every comparison below, so it is refused too. A tiny positive temperature
+        # overflows logits / temperature into NaN probabilities: 0 (greedy) or >= MIN_TEMPERATURE.
+        if not (self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise BadRequestError(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                f"got {self.temperature}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise BadRequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise BadRequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise BadRequestError(f"top_k must be in [0, {MAX_TOP_K}], got {self.top_k}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise BadRequestError(f"seed must be in [0, 2**64 - 1], got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -179,8 +192,29 @@ class RxHalf(ABC):
     feature_dim: int  # the `dim` that `VisionFeatures.features` must have
     codec_support: CodecSupport = CodecSupport(reason="not declared by this adapter")
 
+    # Visual tokens per image a full (not token-reduced) packet carries, when the family fixes it
+    # (LLaVA); None where it depends on the image (tiles, grids): `precheck` then checks the meta.
+    full_tokens_per_image: int | None = None
+
     def leading_linear(self) -> torch.nn.Linear | None:
         """The connector's first Linear when `codec_support.fold_linear`, else None."""
+        return None
+
+    def context_length(self) -> int | None:
+        """The language model's positions (max_position_embeddings); None when unknown."""
+        return None
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of the user prompt alone (the chat template adds a few more)."""
+        return 0
+
+    def lm_tokens(self, tokens: int) -> int:
+        """Language-model positions taken by `tokens` packet rows (patches merge into fewer)."""
+        return tokens
+
+    def precheck(self, prompt: str, shape: tuple[int, int], meta: dict[str, list[int]]) -> None:
+        """Check a packet's declared shape and metadata against this split before any payload
+        arrives (BadRequestError); allocates nothing. The default checks nothing."""
         return None
 
     @abstractmethod

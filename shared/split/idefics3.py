@@ -391,6 +391,10 @@ class Idefics3RxHalf(HfRxHalf):
         self.image_token_id = int(config.image_token_id)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
 
+    def lm_tokens(self, tokens: int) -> int:
+        # Every tile reaches the language model as image_seq_len tokens, whatever crosses the wire.
+        return tokens // self.tokens_per_tile * self.image_seq_len
+
     def _max_grid(self) -> int:
         """The most tiles per side the image processor can make (bounds ``rows``/``cols`` from the wire)."""
         image_processor = getattr(self.processor, "image_processor", None)

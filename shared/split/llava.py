@@ -138,6 +138,7 @@ def generation_kwargs(options: GenerationOptions) -> dict[str, Any]:
             temperature=float(options.temperature),
             top_p=float(options.top_p),
             top_k=int(options.top_k),  # 0 disables top-k
+            remove_invalid_values=True,  # a NaN/inf logit must not reach torch.multinomial
         )
     return kwargs
 
@@ -499,6 +500,21 @@ class HfRxHalf(RxHalf):
     stop_ids: set[int]
     device: torch.device
 
+    def context_length(self) -> int | None:
+        text_config = self.model.config.get_text_config()
+        positions = getattr(text_config, "max_position_embeddings", None)
+        return int(positions) if isinstance(positions, int) and positions > 0 else None
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def precheck(self, prompt: str, shape: tuple[int, int], meta: dict[str, list[int]]) -> None:
+        validate = getattr(self, "_validate", None)
+        if validate is not None:
+            # A meta-device tensor has a shape and a dtype but no storage: the family's own checks
+            # (token counts vs grids/tiles, feature dim) run on the header before any payload is read.
+            validate(prompt, VisionFeatures(features=torch.empty(shape, device="meta"), meta=meta))
+
     def generate(
         self,
         prompt: str,
@@ -508,6 +524,12 @@ class HfRxHalf(RxHalf):
     ) -> list[int]:
         inputs = self.build_inputs(prompt, features)
         prompt_len = int(inputs["input_ids"].shape[1])
+        context = self.context_length()
+        if context is not None and prompt_len + options.max_new_tokens > context:
+            raise BadRequestError(
+                f"prompt ({prompt_len} tokens with the image) + max_new_tokens ({options.max_new_tokens}) "
+                f"exceeds the model's context of {context} positions"
+            )
         streamer = _TokenStreamer(on_token, self.stop_ids) if on_token is not None else None
         with torch.inference_mode(), seeded(options, self.device):
             out = self.model.generate(**inputs, **generation_kwargs(options), streamer=streamer)
@@ -565,6 +587,9 @@ class LlavaRxHalf(HfRxHalf):
         self.image_token = str(getattr(self.processor, "image_token", None) or "<image>")
         self.image_token_id = int(config.image_token_id)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
+        vision = config.vision_config
+        patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+        self.full_tokens_per_image = patches + (1 if _check_strategy(config) == "full" else 0)
 
     def leading_linear(self) -> nn.Linear | None:
         if self.projector is None:
@@ -600,6 +625,12 @@ class LlavaRxHalf(HfRxHalf):
         if sum(tpi) != int(x.shape[0]):
             raise BadRequestError(
                 f"features have {int(x.shape[0])} tokens but tokens_per_image {tpi} sums to {sum(tpi)}"
+            )
+        full = self.full_tokens_per_image
+        if full is not None and any(t > full for t in tpi):
+            raise BadRequestError(
+                f"tokens_per_image {tpi}: this model's vision encoder makes {full} tokens per image, "
+                "and token reduction only ever sends fewer"
             )
         return tpi
 

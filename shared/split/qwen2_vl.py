@@ -376,6 +376,12 @@ class QwenVLRxHalf(HfRxHalf):
 
     # -- inputs --------------------------------------------------------------------------
 
+    def lm_tokens(self, tokens: int) -> int:
+        # Before the merger every merge² patches become one language-model token.
+        if self.split_point is SplitPoint.AFTER_VISION_TOWER:
+            return tokens // self.merge_size**2
+        return tokens
+
     def _validate(self, prompt: str, features: VisionFeatures) -> list[tuple[int, int, int]]:
         if not isinstance(prompt, str):
             raise BadRequestError("prompt must be a string")

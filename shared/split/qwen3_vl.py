@@ -329,6 +329,12 @@ class Qwen3VLRxHalf(HfRxHalf):
 
     # -- inputs --------------------------------------------------------------------------
 
+    def lm_tokens(self, tokens: int) -> int:
+        # Before the merger every merge² patches become one language-model token.
+        if self.split_point is SplitPoint.AFTER_VISION_TOWER:
+            return tokens // self.merge_size**2
+        return tokens
+
     def _validate(self, prompt: str, features: VisionFeatures) -> list[list[int]]:
         """Checks ``features`` against this model; returns the ``[t, h, w]`` grid of each image."""
         if not isinstance(prompt, str):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitvlm/v1/splitvlm.proto\x12\x0bsplitvlm.v1\"\x19\n\x07IntList\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\x89\x03\n\rFeatureHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12,\n\x0bsplit_point\x18\x04 \x01(\x0e\x32\x17.splitvlm.v1.SplitPoint\x12\x12\n\ncodec_spec\x18\x05 \x01(\t\x12\x19\n\x11\x63odec_fingerprint\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\x03\x12!\n\x05\x64type\x18\x08 \x01(\x0e\x32\x12.splitvlm.v1.DType\x12\x32\n\x04meta\x18\t \x03(\x0b\x32$.splitvlm.v1.FeatureHeader.MetaEntry\x12\x14\n\x0cpayload_size\x18\n \x01(\x04\x12\x15\n\rpayload_crc32\x18\x0b \x01(\r\x1a\x41\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.splitvlm.v1.IntList:\x02\x38\x01\"L\n\rFeaturePacket\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.splitvlm.v1.FeatureHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"l\n\x11GenerationOptions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"^\n\x07Timings\x12(\n\x02ms\x18\x01 \x03(\x0b\x32\x1c.splitvlm.v1.Timings.MsEntry\x1a)\n\x07MsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf4\x01\n\tTextChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.splitvlm.v1.Timings\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x12\n\nwire_bytes\x18\x06 \x01(\x04\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\ncodec_spec\x18\x08 \x01(\t\x12\x11\n\tcache_hit\x18\t \x01(\x08\x12\x15\n\rfeature_bytes\x18\n \x01(\x04\x12\x14\n\x0crate_control\x18\x0b \x01(\t\"_\n\x0fGenerateRequest\x12+\n\x05start\x18\x01 \x01(\x0b\x32\x1a.splitvlm.v1.GenerateStartH\x00\x12\x17\n\rpayload_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"|\n\rGenerateStart\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.splitvlm.v1.FeatureHeader\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.splitvlm.v1.GenerationOptions\"\r\n\x0bInfoRequest\"\x91\x02\n\x0cInfoResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x66ormat_versions\x18\x03 \x03(\r\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12-\n\x0csplit_points\x18\x06 \x03(\x0e\x32\x17.splitvlm.v1.SplitPoint\x12\x0e\n\x06\x63odecs\x18\x07 \x03(\t\x12\x1a\n\x12\x63odec_fingerprints\x18\x08 \x03(\t\x12\x18\n\x10max_packet_bytes\x18\t \x01(\x04\x12\x14\n\x0c\x61rchitecture\x18\n \x01(\t\x12\x0e\n\x06notice\x18\x0b \x01(\t\"\xae\x01\n\nAskRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.splitvlm.v1.GenerationOptions\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x0ctarget_bytes\x18\x06 \x01(\x04\x12\x17\n\x0ftarget_fidelity\x18\x07 \x01(\x02*V\n\nSplitPoint\x12\x1b\n\x17SPLIT_POINT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x46TER_VISION_TOWER\x10\x01\x12\x13\n\x0f\x41\x46TER_PROJECTOR\x10\x02*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\x8e\x01\n\tRxService\x12\x44\n\x08Generate\x12\x1c.splitvlm.v1.GenerateRequest\x1a\x16.splitvlm.v1.TextChunk(\x01\x30\x01\x12;\n\x04Info\x12\x18.splitvlm.v1.InfoRequest\x1a\x19.splitvlm.v1.InfoResponse2\x82\x01\n\tTxService\x12\x38\n\x03\x41sk\x12\x17.splitvlm.v1.AskRequest\x1a\x16.splitvlm.v1.TextChunk0\x01\x12;\n\x04Info\x12\x18.splitvlm.v1.InfoRequest\x1a\x19.splitvlm.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitvlm/v1/splitvlm.proto\x12\x0bsplitvlm.v1\"\x19\n\x07IntList\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\x89\x03\n\rFeatureHeader\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12,\n\x0bsplit_point\x18\x04 \x01(\x0e\x32\x17.splitvlm.v1.SplitPoint\x12\x12\n\ncodec_spec\x18\x05 \x01(\t\x12\x19\n\x11\x63odec_fingerprint\x18\x06 \x01(\t\x12\r\n\x05shape\x18\x07 \x03(\x03\x12!\n\x05\x64type\x18\x08 \x01(\x0e\x32\x12.splitvlm.v1.DType\x12\x32\n\x04meta\x18\t \x03(\x0b\x32$.splitvlm.v1.FeatureHeader.MetaEntry\x12\x14\n\x0cpayload_size\x18\n \x01(\x04\x12\x15\n\rpayload_crc32\x18\x0b \x01(\r\x1a\x41\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.splitvlm.v1.IntList:\x02\x38\x01\"L\n\rFeaturePacket\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.splitvlm.v1.FeatureHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"l\n\x11GenerationOptions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"^\n\x07Timings\x12(\n\x02ms\x18\x01 \x03(\x0b\x32\x1c.splitvlm.v1.Timings.MsEntry\x1a)\n\x07MsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x9f\x02\n\tTextChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04\x64one\x18\x03 \x01(\x08\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.splitvlm.v1.Timings\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\x12\n\nwire_bytes\x18\x06 \x01(\x04\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\ncodec_spec\x18\x08 \x01(\t\x12\x11\n\tcache_hit\x18\t \x01(\x08\x12\x15\n\rfeature_bytes\x18\n \x01(\x04\x12\x14\n\x0crate_control\x18\x0b \x01(\t\x12\x15\n\rprompt_tokens\x18\x0c \x01(\r\x12\x12\n\nfeature_id\x18\r \x01(\t\"_\n\x0fGenerateRequest\x12+\n\x05start\x18\x01 \x01(\x0b\x32\x1a.splitvlm.v1.GenerateStartH\x00\x12\x17\n\rpayload_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"|\n\rGenerateStart\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x1a.splitvlm.v1.FeatureHeader\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.splitvlm.v1.GenerationOptions\"\r\n\x0bInfoRequest\"\x91\x02\n\x0cInfoResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0f\x66ormat_versions\x18\x03 \x03(\r\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12-\n\x0csplit_points\x18\x06 \x03(\x0e\x32\x17.splitvlm.v1.SplitPoint\x12\x0e\n\x06\x63odecs\x18\x07 \x03(\t\x12\x1a\n\x12\x63odec_fingerprints\x18\x08 \x03(\t\x12\x18\n\x10max_packet_bytes\x18\t \x01(\x04\x12\x14\n\x0c\x61rchitecture\x18\n \x01(\t\x12\x0e\n\x06notice\x18\x0b \x01(\t\"I\n\tFrameInfo\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x17\n\x0f\x63\x61pture_unix_ms\x18\x03 \x01(\x04\"c\n\x0ePublishRequest\x12%\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x16.splitvlm.v1.FrameInfo\x12*\n\x06packet\x18\x02 \x01(\x0b\x32\x1a.splitvlm.v1.FeaturePacket\"2\n\nPublishAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x12\n\nfeature_id\x18\x02 \x01(\t\"v\n\x0cQueryRequest\x12\x12\n\nfeature_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12/\n\x07options\x18\x04 \x01(\x0b\x32\x1e.splitvlm.v1.GenerationOptions\"\xae\x01\n\nAskRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.splitvlm.v1.GenerationOptions\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x14\n\x0ctarget_bytes\x18\x06 \x01(\x04\x12\x17\n\x0ftarget_fidelity\x18\x07 \x01(\x02*V\n\nSplitPoint\x12\x1b\n\x17SPLIT_POINT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41\x46TER_VISION_TOWER\x10\x01\x12\x13\n\x0f\x41\x46TER_PROJECTOR\x10\x02*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x32\x91\x02\n\tRxService\x12\x44\n\x08Generate\x12\x1c.splitvlm.v1.GenerateRequest\x1a\x16.splitvlm.v1.TextChunk(\x01\x30\x01\x12;\n\x04Info\x12\x18.splitvlm.v1.InfoRequest\x1a\x19.splitvlm.v1.InfoResponse\x12\x43\n\x07Publish\x12\x1b.splitvlm.v1.PublishRequest\x1a\x17.splitvlm.v1.PublishAck(\x01\x30\x01\x12<\n\x05Query\x12\x19.splitvlm.v1.QueryRequest\x1a\x16.splitvlm.v1.TextChunk0\x01\x32\x82\x01\n\tTxService\x12\x38\n\x03\x41sk\x12\x17.splitvlm.v1.AskRequest\x1a\x16.splitvlm.v1.TextChunk0\x01\x12;\n\x04Info\x12\x18.splitvlm.v1.InfoRequest\x1a\x19.splitvlm.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEATUREHEADER_METAENTRY']._serialized_options = b'8\001'
   _globals['_TIMINGS_MSENTRY']._loaded_options = None
   _globals['_TIMINGS_MSENTRY']._serialized_options = b'8\001'
-  _globals['_SPLITPOINT']._serialized_start=1688
-  _globals['_SPLITPOINT']._serialized_end=1774
-  _globals['_DTYPE']._serialized_start=1776
-  _globals['_DTYPE']._serialized_end=1846
+  _globals['_SPLITPOINT']._serialized_start=2079
+  _globals['_SPLITPOINT']._serialized_end=2165
+  _globals['_DTYPE']._serialized_start=2167
+  _globals['_DTYPE']._serialized_end=2237
   _globals['_INTLIST']._serialized_start=43
   _globals['_INTLIST']._serialized_end=68
   _globals['_FEATUREHEADER']._serialized_start=71
@@ -54,19 +54,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMINGS_MSENTRY']._serialized_start=707
   _globals['_TIMINGS_MSENTRY']._serialized_end=748
   _globals['_TEXTCHUNK']._serialized_start=751
-  _globals['_TEXTCHUNK']._serialized_end=995
-  _globals['_GENERATEREQUEST']._serialized_start=997
-  _globals['_GENERATEREQUEST']._serialized_end=1092
-  _globals['_GENERATESTART']._serialized_start=1094
-  _globals['_GENERATESTART']._serialized_end=1218
-  _globals['_INFOREQUEST']._serialized_start=1220
-  _globals['_INFOREQUEST']._serialized_end=1233
-  _globals['_INFORESPONSE']._serialized_start=1236
-  _globals['_INFORESPONSE']._serialized_end=1509
-  _globals['_ASKREQUEST']._serialized_start=1512
-  _globals['_ASKREQUEST']._serialized_end=1686
-  _globals['_RXSERVICE']._serialized_start=1849
-  _globals['_RXSERVICE']._serialized_end=1991
-  _globals['_TXSERVICE']._serialized_start=1994
-  _globals['_TXSERVICE']._serialized_end=2124
+  _globals['_TEXTCHUNK']._serialized_end=1038
+  _globals['_GENERATEREQUEST']._serialized_start=1040
+  _globals['_GENERATEREQUEST']._serialized_end=1135
+  _globals['_GENERATESTART']._serialized_start=1137
+  _globals['_GENERATESTART']._serialized_end=1261
+  _globals['_INFOREQUEST']._serialized_start=1263
+  _globals['_INFOREQUEST']._serialized_end=1276
+  _globals['_INFORESPONSE']._serialized_start=1279
+  _globals['_INFORESPONSE']._serialized_end=1552
+  _globals['_FRAMEINFO']._serialized_start=1554
+  _globals['_FRAMEINFO']._serialized_end=1627
+  _globals['_PUBLISHREQUEST']._serialized_start=1629
+  _globals['_PUBLISHREQUEST']._serialized_end=1728
+  _globals['_PUBLISHACK']._serialized_start=1730
+  _globals['_PUBLISHACK']._serialized_end=1780
+  _globals['_QUERYREQUEST']._serialized_start=1782
+  _globals['_QUERYREQUEST']._serialized_end=1900
+  _globals['_ASKREQUEST']._serialized_start=1903
+  _globals['_ASKREQUEST']._serialized_end=2077
+  _globals['_RXSERVICE']._serialized_start=2240
+  _globals['_RXSERVICE']._serialized_end=2513
+  _globals['_TXSERVICE']._serialized_start=2516
+  _globals['_TXSERVICE']._serialized_end=2646
 # @@protoc_insertion_point(module_scope)

@@ -102,7 +102,7 @@ class Timings(_message.Message):
     def __init__(self, ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TextChunk(_message.Message):
-    __slots__ = ("text", "token_ids", "done", "timings", "payload_bytes", "wire_bytes", "request_id", "codec_spec", "cache_hit", "feature_bytes", "rate_control")
+    __slots__ = ("text", "token_ids", "done", "timings", "payload_bytes", "wire_bytes", "request_id", "codec_spec", "cache_hit", "feature_bytes", "rate_control", "prompt_tokens", "feature_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,8 @@ class TextChunk(_message.Message):
     CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
     FEATURE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RATE_CONTROL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_ID_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     done: bool
@@ -125,7 +127,9 @@ class TextChunk(_message.Message):
     cache_hit: bool
     feature_bytes: int
     rate_control: str
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., request_id: _Optional[str] = ..., codec_spec: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., feature_bytes: _Optional[int] = ..., rate_control: _Optional[str] = ...) -> None: ...
+    prompt_tokens: int
+    feature_id: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., done: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., request_id: _Optional[str] = ..., codec_spec: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., feature_bytes: _Optional[int] = ..., rate_control: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., feature_id: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("start", "payload_chunk")
@@ -174,6 +178,44 @@ class InfoResponse(_message.Message):
     architecture: str
     notice: str
     def __init__(self, service: _Optional[str] = ..., version: _Optional[str] = ..., format_versions: _Optional[_Iterable[int]] = ..., model_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., split_points: _Optional[_Iterable[_Union[SplitPoint, str]]] = ..., codecs: _Optional[_Iterable[str]] = ..., codec_fingerprints: _Optional[_Iterable[str]] = ..., max_packet_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., notice: _Optional[str] = ...) -> None: ...
+
+class FrameInfo(_message.Message):
+    __slots__ = ("stream_id", "sequence", "capture_unix_ms")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    sequence: int
+    capture_unix_ms: int
+    def __init__(self, stream_id: _Optional[str] = ..., sequence: _Optional[int] = ..., capture_unix_ms: _Optional[int] = ...) -> None: ...
+
+class PublishRequest(_message.Message):
+    __slots__ = ("frame", "packet")
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    PACKET_FIELD_NUMBER: _ClassVar[int]
+    frame: FrameInfo
+    packet: FeaturePacket
+    def __init__(self, frame: _Optional[_Union[FrameInfo, _Mapping]] = ..., packet: _Optional[_Union[FeaturePacket, _Mapping]] = ...) -> None: ...
+
+class PublishAck(_message.Message):
+    __slots__ = ("sequence", "feature_id")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_ID_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    feature_id: str
+    def __init__(self, sequence: _Optional[int] = ..., feature_id: _Optional[str] = ...) -> None: ...
+
+class QueryRequest(_message.Message):
+    __slots__ = ("feature_id", "stream_id", "prompt", "options")
+    FEATURE_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    feature_id: str
+    stream_id: str
+    prompt: str
+    options: GenerationOptions
+    def __init__(self, feature_id: _Optional[str] = ..., stream_id: _Optional[str] = ..., prompt: _Optional[str] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ...) -> None: ...
 
 class AskRequest(_message.Message):
     __slots__ = ("image", "prompt", "options", "codec", "request_id", "target_bytes", "target_fidelity")

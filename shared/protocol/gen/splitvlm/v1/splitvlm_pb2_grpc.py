@@ -44,6 +44,16 @@ class RxServiceStub:
                 request_serializer=splitvlm_dot_v1_dot_splitvlm__pb2.InfoRequest.SerializeToString,
                 response_deserializer=splitvlm_dot_v1_dot_splitvlm__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Publish = channel.stream_stream(
+                '/splitvlm.v1.RxService/Publish',
+                request_serializer=splitvlm_dot_v1_dot_splitvlm__pb2.PublishRequest.SerializeToString,
+                response_deserializer=splitvlm_dot_v1_dot_splitvlm__pb2.PublishAck.FromString,
+                _registered_method=True)
+        self.Query = channel.unary_stream(
+                '/splitvlm.v1.RxService/Query',
+                request_serializer=splitvlm_dot_v1_dot_splitvlm__pb2.QueryRequest.SerializeToString,
+                response_deserializer=splitvlm_dot_v1_dot_splitvlm__pb2.TextChunk.FromString,
+                _registered_method=True)
 
 
 class RxServiceServicer:
@@ -61,6 +71,22 @@ class RxServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Publish(self, request_iterator, context):
+        """Push mode: a long-lived stream of frames; each is validated as Generate validates a packet,
+        stored (rx feature store) and acknowledged. A packet for another model ends the stream with
+        FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Query(self, request, context):
+        """Ask about stored features (by id, or a stream's latest frame); unknown ids are NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RxServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +99,16 @@ def add_RxServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=splitvlm_dot_v1_dot_splitvlm__pb2.InfoRequest.FromString,
                     response_serializer=splitvlm_dot_v1_dot_splitvlm__pb2.InfoResponse.SerializeToString,
+            ),
+            'Publish': grpc.stream_stream_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=splitvlm_dot_v1_dot_splitvlm__pb2.PublishRequest.FromString,
+                    response_serializer=splitvlm_dot_v1_dot_splitvlm__pb2.PublishAck.SerializeToString,
+            ),
+            'Query': grpc.unary_stream_rpc_method_handler(
+                    servicer.Query,
+                    request_deserializer=splitvlm_dot_v1_dot_splitvlm__pb2.QueryRequest.FromString,
+                    response_serializer=splitvlm_dot_v1_dot_splitvlm__pb2.TextChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +165,60 @@ class RxService:
             '/splitvlm.v1.RxService/Info',
             splitvlm_dot_v1_dot_splitvlm__pb2.InfoRequest.SerializeToString,
             splitvlm_dot_v1_dot_splitvlm__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Publish(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitvlm.v1.RxService/Publish',
+            splitvlm_dot_v1_dot_splitvlm__pb2.PublishRequest.SerializeToString,
+            splitvlm_dot_v1_dot_splitvlm__pb2.PublishAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Query(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/splitvlm.v1.RxService/Query',
+            splitvlm_dot_v1_dot_splitvlm__pb2.QueryRequest.SerializeToString,
+            splitvlm_dot_v1_dot_splitvlm__pb2.TextChunk.FromString,
             options,
             channel_credentials,
             insecure,
