@@ -578,7 +578,8 @@ def eval_cmd(
         Path | None,
         typer.Option(
             help="Measured ladder (`splitvlm calibrate-ladder`): --target-bytes runs pick the most "
-            "accurate of its codecs whose payload fits."
+            "accurate of its codecs whose payload fits [default: the model's own, found beside its "
+            "calibration artifacts, if any]."
         ),
     ] = None,
 ) -> None:
@@ -601,7 +602,8 @@ def eval_cmd(
     def run() -> None:
         folder = resolve_model(model)
         artifacts = artifacts_for(model, folder, codec_artifact or [])
-        measured = MeasuredLadder.load(ladder, model_fingerprint(folder)) if ladder else None
+        # The model's own measured ladder (found beside its artifacts) unless one is given.
+        measured = MeasuredLadder.load(ladder, model_fingerprint(folder)) if ladder else artifacts.ladder()
         items = heldout_items(images)
         results = []
         with Progress(console=console, transient=True) as progress:
@@ -758,6 +760,9 @@ def bench_cmd(
         ),
     ] = None,
     codec_artifact: ArtifactOpt = None,
+    target_bytes: Annotated[
+        str, typer.Option(help="Rate control budgets to measure, bytes, comma-separated (e.g. 100,400,1600).")
+    ] = "",
 ) -> None:
     """Split inference vs sending the image: bytes, accuracy, timings and latency, measured in one run."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -770,6 +775,7 @@ def bench_cmd(
     def run() -> None:
         try:
             rates = [float(b) for b in bandwidths.split(",") if b.strip()]
+            budgets = [int(b) for b in target_bytes.split(",") if b.strip()]
             icodecs = (
                 [parse_image_codec(c) for c in image_codecs.split(",") if c.strip()]
                 if image_codecs
@@ -777,6 +783,8 @@ def bench_cmd(
             )
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
+        if any(b <= 0 for b in budgets):
+            raise typer.BadParameter("--target-bytes needs positive byte counts")
         if not rates or any(r <= 0 for r in rates):
             raise typer.BadParameter("--bandwidths needs positive Mbit/s values")
         config = BenchConfig(
@@ -794,6 +802,7 @@ def bench_cmd(
             image_folder=image_folder,
             questions=questions,
             codec_artifacts=list(codec_artifact or []),
+            target_bytes=budgets,
         )
         columns = (
             TextColumn("{task.description:<32}"),

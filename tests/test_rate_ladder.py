@@ -234,7 +234,7 @@ def test_unreadable_ladder_files_are_refused(tmp_path: Path) -> None:
 
 
 def test_measure_ladder_on_the_tiny_model(model_dir: Path) -> None:
-    from shared.reference.evaluate import heldout_items
+    from shared.reference.evaluate import validation_items
 
     skipped: list[tuple[str, str]] = []
     measured = measure_ladder(
@@ -251,7 +251,7 @@ def test_measure_ladder_on_the_tiny_model(model_dir: Path) -> None:
     ]
     assert [s for s, _ in skipped] == ["pca:k=8|int8|zstd"] and "needs" in skipped[0][1]
     half = load_tx_half(model_dir, SplitPoint.AFTER_VISION_TOWER)
-    images = [scene.image for scene, _ in heldout_items(2)[::2]]
+    images = [scene.image for scene, _ in validation_items(2)[::2]]  # never the held-out scenes
     with torch.inference_mode():
         feats = [half.encode(half.preprocess([im])).features for im in images]
     for rung in measured.rungs:

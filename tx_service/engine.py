@@ -127,16 +127,21 @@ class TxEngine:
         return codec
 
     def rate_controller(self) -> RateController:
-        """The default ladder, less the codecs this split refuses (e.g. token reducers)."""
+        """The model's measured ladder when one was found (most accurate codec that fits first),
+        else the default ladder; less the codecs this split refuses (e.g. token reducers)."""
         if self.rate is None:
             family = f"{type(self.half).__name__} ({self.model_id})"
-            self.rate = RateController(
-                usable_ladder(
-                    accept=lambda codec: check_codec_support(
-                        codec, self.half.codec_support, family, token_scores=self.half.token_scores
-                    )
+
+            def accept(codec: Codec) -> None:
+                check_codec_support(
+                    codec, self.half.codec_support, family, token_scores=self.half.token_scores
                 )
-            )
+
+            measured = self.artifacts.ladder()
+            if measured is not None:
+                self.rate = RateController(measured=measured, artifacts=self.artifacts, accept=accept)
+            else:
+                self.rate = RateController(usable_ladder(accept=accept))
         return self.rate
 
     def info(self) -> pb.InfoResponse:

@@ -11,6 +11,7 @@ JSON_NAME = "bench.json"
 MARKDOWN_NAME = "README.md"
 ACCURACY_PLOT = "accuracy_vs_bytes.png"
 LATENCY_PLOT = "latency_vs_bandwidth.png"
+RATE_PLOT = "rate_control.png"
 
 
 def _clean(value: Any) -> Any:
@@ -36,7 +37,35 @@ def write_report(results: dict[str, Any], out: Path) -> list[Path]:
     plot_accuracy(results, paths[2])
     plot_latency(results, paths[3])
     paths[1].write_text(markdown(results))
+    if results.get("rate_control"):
+        paths.append(out / RATE_PLOT)
+        plot_rate(results, paths[-1])
     return paths
+
+
+def plot_rate(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rate_control"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    budgets = [r["target_bytes"] for r in rows]
+    ax.plot(budgets, [100 * r["accuracy"] for r in rows], marker="o", label="accuracy (rate control)")
+    lossless = results["findings"]["lossless_accuracy"]
+    ax.axhline(100 * lossless, color="gray", linestyle="--", linewidth=0.8, label="lossless split")
+    ax.set_xscale("log")
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("target_bytes (payload budget per image, log scale)")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ladder = rows[0].get("ladder", "default")
+    ax.set_title(f"rate control ({ladder} ladder): accuracy vs byte budget")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- plots
@@ -289,6 +318,29 @@ def markdown(results: dict[str, Any]) -> str:
         parts.append(
             "\nSkipped: " + "; ".join(f"`{k}`: {v}" for k, v in results["skipped_codecs"].items()) + "\n"
         )
+
+    if results.get("rate_control"):
+        rows = []
+        for r in results["rate_control"]:
+            b = r["payload_bytes"]
+            rows.append(
+                [
+                    f"{r['target_bytes']:,}",
+                    _pct(r["accuracy"]),
+                    f"{b['mean']:,.0f}" if b else "-",
+                    f"{b['max']:,.0f}" if b else "-",
+                    str(r["images_without_a_fitting_codec"]),
+                    ", ".join(f"`{k}` ×{v}" for k, v in r["chosen"].items()),
+                ]
+            )
+        parts += [
+            "## Rate control: accuracy vs byte budget\n",
+            f"`target_bytes=N`, a codec chosen per image from the {results['rate_control'][0].get('ladder')} "
+            "ladder (measured: the most accurate codec, on validation scenes, whose payload fits). "
+            "Images no codec fits count as wrong.\n\n",
+            _table(["target B", "accuracy", "payload mean", "max", "no codec fits", "chosen"], rows),
+            f"\n![rate control]({RATE_PLOT})\n",
+        ]
 
     stages = results["stages_ms"]
     parts += [

@@ -48,6 +48,7 @@ from shared.bench.timings import StageTimes, median, percentile, summary
 from shared.codecs.artifacts import ArtifactIndex, artifacts_for
 from shared.codecs.calibrate import build_codec_with
 from shared.codecs.fold import FoldCache
+from shared.codecs.rate import RateController, RateTarget, usable_ladder
 from shared.config import DEFAULT_MODEL
 from shared.errors import CodecError, SplitVlmError
 from shared.protocol.packet import build_header, packet_to_bytes
@@ -106,6 +107,9 @@ class BenchConfig:
     questions: Path | None = None
     max_new_tokens: int = ANSWER_OPTIONS.max_new_tokens
     codec_artifacts: Sequence[Path] = ()  # calibration artifacts for calibrated codecs (pca, kmeans, ...)
+    # Rate control: one pass per byte budget, a codec chosen per image (the model's measured
+    # ladder when it has one, else the default ladder).
+    target_bytes: Sequence[int] = ()
 
 
 @dataclass
@@ -334,6 +338,49 @@ def _run_codec(
         },
     }
     return row, result, record
+
+
+def _run_rate(
+    budget: int,
+    rate: RateController,
+    rx: RxHalf,
+    items: Items,
+    feats: list[VisionFeatures],
+    options: GenerationOptions,
+    advance: Advance,
+) -> dict[str, Any]:
+    """Split with rate control at one byte budget; images no codec fits count as unanswered."""
+    answers = [""] * len(items.expected)
+    payloads: list[int] = []
+    chosen: dict[str, int] = {}
+    unreachable = 0
+    times = StageTimes()
+    for group, features in zip(items.groups, feats, strict=True):
+        try:
+            choice = rate.choose(features.features, RateTarget(budget))
+        except CodecError:
+            unreachable += 1
+            for _ in group.items:
+                advance(f"rate:{budget}")
+            continue
+        shape, reduced = features_for_codec(choice.codec, features)
+        decoded = VisionFeatures(
+            choice.codec.decode(choice.payload, shape=shape, dtype=features.features.dtype),
+            dict(reduced.meta),
+        )
+        payloads.append(len(choice.payload))
+        chosen[choice.spec] = chosen.get(choice.spec, 0) + 1
+        for index, question in group.items:
+            answers[index], _ = _split_answer(rx, question, decoded, options, times)
+            advance(f"rate:{budget}")
+    result = items.result(f"rate:{budget}", answers, payload_bytes=payloads)
+    return {
+        "target_bytes": budget,
+        "accuracy": result.accuracy,
+        "payload_bytes": _bytes_stats(payloads) if payloads else None,
+        "images_without_a_fitting_codec": unreachable,
+        "chosen": dict(sorted(chosen.items(), key=lambda kv: -kv[1])),
+    }
 
 
 def _run_image_codec(
@@ -595,7 +642,8 @@ def run_bench(
     codecs = list(dict.fromkeys([REFERENCE_CODEC, *config.codecs]))
     n_items, n_images = len(items.expected), len(items.groups)
     validate_n = 2 * _validate_count(config, n_images) if config.validate else 0
-    total = n_images + n_items * (len(codecs) + len(config.image_codecs) + 1) + validate_n
+    total = n_images + n_items * (len(codecs) + len(config.image_codecs) + len(config.target_bytes) + 1)
+    total += validate_n
     done = [0]
 
     def advance(what: str) -> None:
@@ -647,6 +695,23 @@ def run_bench(
             "encode_over_vision_encoder": t["codec_encode"]["median"] / vision_times.median("vision_encoder"),
             "decode_over_prefill": t["codec_decode"]["median"] / t["prefill"]["median"],
         }
+
+    rate_rows: list[dict[str, Any]] = []
+    if config.target_bytes:
+        measured = artifacts.ladder()
+        family = type(rx).__name__
+
+        def accept(codec: Any) -> None:
+            check_codec_support(codec, rx.codec_support, family, token_scores=tx.token_scores)
+
+        rate = (
+            RateController(measured=measured, artifacts=artifacts, accept=accept)
+            if measured is not None
+            else RateController(usable_ladder(accept=accept))
+        )
+        for budget in config.target_bytes:
+            rate_rows.append(_run_rate(budget, rate, rx, items, feats, options, advance))
+            rate_rows[-1]["ladder"] = "measured" if measured is not None else "default"
 
     image_rows: list[dict[str, Any]] = []
     image_results: dict[str, EvalResult] = {}
@@ -727,6 +792,7 @@ def run_bench(
         "stages_ms": vision_times.summary(),
         "codecs": codec_rows,
         "skipped_codecs": skipped,
+        "rate_control": rate_rows,
         "image_baselines": image_rows,
         "latency": curves,
         "validation": validation,

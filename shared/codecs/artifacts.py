@@ -19,9 +19,13 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.codecs.calibration import FORMAT, CalibrationArtifact
 from shared.errors import CodecError, FingerprintMismatchError
+
+if TYPE_CHECKING:
+    from shared.codecs.ladder import MeasuredLadder
 
 log = logging.getLogger("splitvlm.codecs")
 
@@ -62,6 +66,29 @@ def scan(folder: Path) -> Iterator[ArtifactEntry]:
             yield entry
 
 
+LADDER_FORMAT_PREFIX = "splitvlm-measured-ladder/"
+
+
+def find_ladder(folder: Path, model_fingerprint: str) -> Path | None:
+    """The first ``*.json`` in `folder` that is a measured ladder for this model."""
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("*.json")):
+        try:
+            if path.stat().st_size > 1 << 20:
+                continue
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(meta, dict)
+            and str(meta.get("format", "")).startswith(LADDER_FORMAT_PREFIX)
+            and meta.get("model_fingerprint") == model_fingerprint
+        ):
+            return path
+    return None
+
+
 def default_artifact_name(spec: str, model_fingerprint: str) -> str:
     """A file-name-safe name for `splitvlm calibrate` to write under ``<cache_dir>/codecs``."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", spec).strip("-")[:80]
@@ -77,6 +104,7 @@ class ArtifactIndex:
     searched: list[Path] = field(default_factory=list)
     entries: dict[str, ArtifactEntry] = field(default_factory=dict)  # this model's, by spec
     foreign: list[ArtifactEntry] = field(default_factory=list)  # fitted on other models
+    ladder_path: Path | None = None  # a measured rate-control ladder for this model, if one was found
     _loaded: dict[str, CalibrationArtifact] = field(default_factory=dict)
 
     @classmethod
@@ -99,6 +127,8 @@ class ArtifactIndex:
             index.searched.append(where)
             for entry in scan(where):
                 index._add(entry)
+            if index.ladder_path is None:
+                index.ladder_path = find_ladder(where, model_fingerprint)
         return index
 
     def _add_explicit(self, path: Path) -> None:
@@ -155,6 +185,14 @@ class ArtifactIndex:
             art = self.get(spec)
             assert art is not None
             yield spec, art
+
+    def ladder(self) -> MeasuredLadder | None:
+        """The measured ladder found for this model (`splitvlm calibrate-ladder`), loaded and checked."""
+        from shared.codecs.ladder import MeasuredLadder
+
+        if self.ladder_path is None:
+            return None
+        return MeasuredLadder.load(self.ladder_path, self.model_fingerprint or None)
 
     def missing(self, spec: str) -> str:
         """Why no artifact serves canonical `spec` here, and the command that makes one."""

@@ -18,8 +18,9 @@ a chosen payload always fits; the stored sizes only order fidelity-mode scans.
 Calibrated specs (``salient``, ``pca``, ...) are measured with their artifact,
 whose fingerprint the rung records; at use, a rung whose artifact is not held (or
 differs) is left out, since its accuracy describes other fitted state. The
-accuracies come from the same held-out scenes `splitvlm eval` scores, so report
-rate-controlled accuracy on scenes beyond those the ladder was measured on.
+accuracies come from validation scenes (seeds from 9,000,000), which neither training
+nor `splitvlm eval` uses. A ladder file in a checkpoint's (or the cache dir's) codecs/
+folder is found without flags (`shared.codecs.artifacts.ArtifactIndex.ladder`).
 """
 
 from __future__ import annotations
@@ -225,16 +226,19 @@ def measure_ladder(
     progress: Any = None,
     on_skip: Callable[[str, str], None] | None = None,
 ) -> MeasuredLadder:
-    """Evaluate each spec split on `images` held-out scenes (2 questions each); one rung per spec.
+    """Evaluate each spec split on `images` validation scenes (2 questions each); one rung per spec.
+
+    Validation scenes (`shared.reference.scenes.VALIDATION_START`) are neither trained on nor
+    scored by `splitvlm eval`, so rate control is never tuned on the scenes it is scored on.
 
     A spec the split refuses (e.g. a token reducer on a family without token reduction) or
     that lacks its calibration artifact is skipped and reported through `on_skip(spec, why)`.
     """
-    from shared.reference.evaluate import evaluate_split, heldout_items
+    from shared.reference.evaluate import evaluate_split, validation_items
     from shared.split import SplitPoint
 
     split = split_point or SplitPoint.AFTER_VISION_TOWER
-    items = heldout_items(images)
+    items = validation_items(images)
     held: Artifacts = artifacts if artifacts is not None else {}
     rungs: list[Rung] = []
     seen: set[str] = set()

@@ -29,7 +29,7 @@ from shared.codecs.fold import FoldCache
 from shared.codecs.ladder import MeasuredLadder
 from shared.codecs.pipeline import Codec
 from shared.codecs.rate import RateController, RateTarget, usable_ladder
-from shared.reference.scenes import QA, QTYPES, Scene, heldout_set
+from shared.reference.scenes import QA, QTYPES, VALIDATION_START, Scene, heldout_set
 from shared.split import (
     GenerationOptions,
     SplitPoint,
@@ -277,3 +277,8 @@ def evaluate_rate_controlled(
 
 def heldout_items(n_images: int = 300, per_image: int = 2) -> list[tuple[Scene, QA]]:
     return heldout_set(n_images=n_images, per_image=per_image)
+
+
+def validation_items(n_images: int = 100, per_image: int = 2) -> list[tuple[Scene, QA]]:
+    """Like `heldout_items`, on the validation scenes (never trained on, never scored on)."""
+    return heldout_set(n_images=n_images, per_image=per_image, start=VALIDATION_START)

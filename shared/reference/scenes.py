@@ -126,6 +126,9 @@ _OUTLINE_WIDTH = 2  # at the supersampled resolution, i.e. 1 px in the final ima
 _SCARCITY: tuple[str, ...] = ("relative", "color", "shape", "position", "count", "presence")
 
 HELDOUT_START = 10_000_000  # seeds >= this are reserved for evaluation and never used for training
+# Scenes for choices made from measurements (rate control's measured ladder), so that those
+# choices are never tuned on the held-out scenes they are scored on. Training never gets here.
+VALIDATION_START = 9_000_000
 
 # Independent random streams per seed, so that e.g. asking more questions does not change the image.
 _STREAM_IMAGE = 0
@@ -543,15 +546,18 @@ def make_scene(seed: int, size: int = REFERENCE_SIZE, n_questions: int = 6) -> S
     return Scene(seed=seed, image=image, objects=objects, qas=qas)
 
 
-def heldout_set(n_images: int = 300, per_image: int = 2) -> list[tuple[Scene, QA]]:
+def heldout_set(
+    n_images: int = 300, per_image: int = 2, start: int = HELDOUT_START
+) -> list[tuple[Scene, QA]]:
     """A fixed evaluation list: per_image QAs of distinct types per held-out scene, types balanced.
+    (`start=VALIDATION_START`: the same kind of list on the validation scenes.)
 
     Each scene contributes the types that are least represented so far, ties going to the types that
     fewer scenes can ask (e.g. "relative" needs two objects), so the counts per type come out even.
     """
     counts = dict.fromkeys(QTYPES, 0)
     items: list[tuple[Scene, QA]] = []
-    for seed in heldout_seeds(n_images):
+    for seed in range(start, start + n_images):
         scene = make_scene(seed, n_questions=len(QTYPES))
         by_type = {qa.qtype: qa for qa in reversed(scene.qas)}  # first QA of each type wins
         chosen = sorted(by_type, key=lambda qtype: (counts[qtype], _SCARCITY.index(qtype)))[:per_image]
