@@ -72,9 +72,7 @@ def _setting_opt(role: str, name: str, help: str) -> Any:
     return typer.Option(SETTING_FLAGS[role][name], help=help, show_default=default_help(role, name))
 
 
-MODEL_HELP = (
-    "Hub id (org/name: downloaded into HF_HOME unless HF_HUB_OFFLINE=1), local folder, or builtin:NAME."
-)
+MODEL_HELP = "Hub id (org/name, downloaded into HF_HOME), local folder, or builtin:NAME."
 SPLIT_HELP = "Where the model is cut."
 ARTIFACT_HELP = "Calibration artifact (from `splitvlm calibrate`) for a calibrated codec; repeatable."
 LOG_LEVEL_HELP = "debug, info (one access line per request), warning, error."

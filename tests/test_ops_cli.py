@@ -62,9 +62,9 @@ def _no_model_loads(monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> None:
         ),
         ({}, ["tx", "serve", "--codec", "linear:bits=99"], ["--codec", "bits must be"]),
         (
-            {"SPLITVLM_RX_TLS_CERT": "/certs/rx.crt"},
+            {"SPLITVLM_RX_TLS_CERTFILE": "/certs/rx.pem"},  # a misspelt setting is never ignored
             ["rx", "serve"],
-            ["unknown rx setting SPLITVLM_RX_TLS_CERT"],
+            ["unknown rx setting SPLITVLM_RX_TLS_CERTFILE"],
         ),
     ],
 )

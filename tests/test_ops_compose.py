@@ -65,8 +65,8 @@ def test_docker_compose_v1_config_accepts_the_files() -> None:
         assert "/srv/ckpt/llava:/models/model:ro" in svc["volumes"]
         assert "/etc/certs:/certs:ro" in svc["volumes"]
         assert svc["environment"][f"SPLITVLM_{role.upper()}_MODEL"] == "/models/model"
-    assert services["rx"]["environment"]["SPLITVLM_RX_TLS_CERT"] == "/certs/rx.crt"
-    assert services["tx"]["environment"]["SPLITVLM_TX_TLS_CA"] == "/certs/ca.crt"
+    assert services["rx"]["environment"]["SPLITVLM_RX_TLS_CERT"] == "/certs/rx.pem"
+    assert services["tx"]["environment"]["SPLITVLM_TX_TLS_CA"] == "/certs/ca.pem"
 
     hub = [binary, "-f", "docker-compose.yml", "-f", "docker-compose.hub.yml", "config"]
     missing = subprocess.run(hub, cwd=REPO, capture_output=True, text=True, env=env)
