@@ -74,8 +74,8 @@ def test_candidates_are_ordered_by_accuracy(ladder: MeasuredLadder) -> None:
     rate = RateController(measured=ladder)
     accuracies = [ACCURACY[spec] for spec in _short(rate.specs)]
     assert accuracies == sorted(accuracies, reverse=True)
-    # Equal accuracy: the smaller measured payload first.
-    assert rate.specs.index(build_codec("fp16|zstd").spec) < rate.specs.index(build_codec("raw|zstd").spec)
+    # Equal accuracy: the larger measured payload (higher fidelity) first.
+    assert rate.specs.index(build_codec("raw|zstd").spec) < rate.specs.index(build_codec("fp16|zstd").spec)
 
 
 def _short(specs: list[str]) -> list[str]:

@@ -5,7 +5,7 @@
     ──► MeasuredLadder(model fingerprint, split, rungs) ──► LADDER.json
 
     RateController(measured=ladder, artifacts=...)   (shared.codecs.rate)
-        candidates: most accurate first (ties: smaller mean payload first)
+        candidates: most accurate first (ties: larger mean payload, i.e. higher fidelity, first)
         target_bytes=N: encode in that order, take the first whose real payload is <= N
 
 The default ladder is ordered by nominal size, which assumes accuracy falls with
@@ -122,8 +122,9 @@ class MeasuredLadder:
             raise CodecError(f"a measured ladder lists codec(s) twice: {', '.join(duplicates)}")
 
     def ordered(self) -> list[Rung]:
-        """Most accurate first; equal accuracy: smaller mean payload first."""
-        return sorted(self.rungs, key=lambda r: (-r.accuracy, r.mean_bytes, r.spec))
+        """Most accurate first; equal accuracy: the larger mean payload (the higher fidelity) first,
+        so a generous budget is spent on fidelity rather than on the smallest tied codec."""
+        return sorted(self.rungs, key=lambda r: (-r.accuracy, -r.mean_bytes, r.spec))
 
     def codecs(
         self,
