@@ -55,16 +55,22 @@ class _CommaListEnv(EnvSettingsSource):
         return json.loads(value)
 
 
-def _sources(
-    settings_cls: type[BaseSettings],
-    init_settings: PydanticBaseSettingsSource,
-    dotenv_settings: PydanticBaseSettingsSource,
-    file_secret_settings: PydanticBaseSettingsSource,
-) -> tuple[PydanticBaseSettingsSource, ...]:
-    return (init_settings, _CommaListEnv(settings_cls), dotenv_settings, file_secret_settings)
+class _Settings(BaseSettings):
+    """Both services' settings: list settings also read ``a,b,c`` from the environment."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, _CommaListEnv(settings_cls), dotenv_settings, file_secret_settings)
 
 
-class RxSettings(BaseSettings):
+class RxSettings(_Settings):
     """The server side: connector + language model."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITVLM_RX_", extra="forbid")
@@ -147,17 +153,6 @@ class RxSettings(BaseSettings):
     log_level: LogLevel = Field("info", description="log level; info logs one access line per request")
     log_json: bool = Field(False, description="log one JSON object per line (for log shippers)")
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return _sources(settings_cls, init_settings, dotenv_settings, file_secret_settings)
-
     # ---- feature store, push mode and stored-feature queries (issue 13) ----
     store: Literal["memory", "redis"] = Field(
         "memory", description="feature store backend (SPLITVLM_RX_STORE): memory (one process) or redis"
@@ -202,7 +197,7 @@ class RxSettings(BaseSettings):
         )
 
 
-class TxSettings(BaseSettings):
+class TxSettings(_Settings):
     """The edge side: image processor + vision encoder + codec."""
 
     model_config = SettingsConfigDict(env_prefix="SPLITVLM_TX_", extra="forbid")
@@ -258,17 +253,6 @@ class TxSettings(BaseSettings):
     metrics_port: int = Field(
         8051, ge=0, le=65535, description="HTTP port of the Prometheus /metrics endpoint (0: any free port)"
     )
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return _sources(settings_cls, init_settings, dotenv_settings, file_secret_settings)
 
     # ---- edge HTTP (OpenAI-compatible) and push mode (issue 13) ----
     http_enabled: bool = Field(

@@ -223,3 +223,33 @@ def test_encode_cli_writes_a_packet_the_rx_answers(
         timeout=60,
     )
     assert resp.status_code == 200 and len(resp.json()["token_ids"]) >= 1
+
+
+def test_http_api_needs_the_tx_token_when_one_is_set(rx: Any, cache_dir: Path, images: list) -> None:
+    """The OpenAI client's api_key is the bearer token: the Tx's own tokens guard its HTTP API."""
+    settings = TxSettings(
+        port=0,
+        http_enabled=True,
+        http_port=0,
+        rx_address=rx.grpc_address,
+        cache_dir=cache_dir,
+        auth_token="edge-secret",
+    )
+    running = start_tx(settings, require_rx=True)
+    try:
+        base = running.http_url + "/v1"
+        with (
+            openai.OpenAI(base_url=base, api_key="wrong", max_retries=0) as wrong,
+            pytest.raises(openai.AuthenticationError),
+        ):
+            wrong.models.list()
+        with openai.OpenAI(base_url=base, api_key="edge-secret", max_retries=0) as right:
+            assert right.models.list().data
+            reply = right.chat.completions.create(
+                model=right.models.list().data[0].id,
+                messages=_messages(_data_url(images[0])),  # type: ignore[arg-type]
+                max_tokens=2,
+            )
+        assert reply.choices[0].message.content is not None
+    finally:
+        running.stop()
