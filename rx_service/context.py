@@ -1,17 +1,16 @@
-"""How many tokens a prompt costs the language model, and the check that it fits its context.
+"""How many tokens a prompt costs the language model: `usage.prompt_tokens` of the OpenAI APIs.
 
     prompt + visual tokens ─► chat template ─► tokenizer ─► n prompt tokens
-    n + max_new_tokens > the model's context (max_position_embeddings) ─► 400 / INVALID_ARGUMENT
 
-The count is also `usage.prompt_tokens` on the OpenAI-compatible APIs.
+(Whether it fits the model's context is checked before the payload is read:
+`rx_service.limits.check_token_budget`.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from shared.errors import BadRequestError
-from shared.split import GenerationOptions, RxHalf, VisionFeatures
+from shared.split import RxHalf, VisionFeatures
 
 
 def prompt_tokens(half: RxHalf, prompt: str, features: VisionFeatures) -> int:
@@ -26,19 +25,3 @@ def prompt_tokens(half: RxHalf, prompt: str, features: VisionFeatures) -> int:
             pass
     inputs = half.build_inputs(prompt, features)  # other families: their own expansion
     return int(inputs["input_ids"].shape[-1])
-
-
-def context_length(half: RxHalf) -> int | None:
-    config: Any = getattr(getattr(half, "model", None), "config", None)
-    text_config = getattr(config, "text_config", None) or config
-    value = getattr(text_config, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
-def check_context(half: RxHalf, n_prompt: int, options: GenerationOptions) -> None:
-    limit = context_length(half)
-    if limit is not None and n_prompt + options.max_new_tokens > limit:
-        raise BadRequestError(
-            f"prompt is {n_prompt} tokens (image included) and max_new_tokens {options.max_new_tokens}; "
-            f"together over the model's context of {limit} tokens: shorten the prompt"
-        )
