@@ -39,3 +39,10 @@ def test_rx_http_api_answers_generated_requests_without_server_errors(rx: Any) -
         check()
     assert "POST /v1/generate" in seen and "POST /v1/chat/completions" in seen, seen
     assert httpx.get(rx.http_url + "/healthz", timeout=10).status_code == 200  # still serving
+
+
+def test_openapi_declares_metrics_as_prometheus_text(rx: Any) -> None:
+    spec = httpx.get(rx.http_url + "/openapi.json", timeout=10).json()
+    content = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "application/json" not in content and any(t.startswith("text/plain") for t in content)
+    assert "multipart/form-data" in spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
