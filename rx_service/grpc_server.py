@@ -16,7 +16,7 @@ from shared.errors import PacketError, SplitVlmError, port_in_use
 from shared.grpc_guard import GuardInterceptor
 from shared.grpc_util import port_is_taken
 from shared.health import add_health
-from shared.logs import log_access
+from shared.logs import log_access, served_info
 from shared.metrics import IN_FLIGHT, LATENCY, PAYLOAD_BYTES, REQUESTS, TOKENS, TTFT
 from shared.protocol import pb, pb_grpc
 from shared.security import TokenAuth, add_port, server_credentials, warn_if_exposed
@@ -32,18 +32,7 @@ class RxServicer(pb_grpc.RxServiceServicer):
         self.engine = engine
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
-        started = time.perf_counter()
-        REQUESTS.labels("rx", "Info", "OK").inc()
-        info = self.engine.info()
-        log_access(
-            "rx",
-            "Info",
-            "OK",
-            bytes_in=request.ByteSize(),
-            bytes_out=info.ByteSize(),
-            ms=(time.perf_counter() - started) * 1e3,
-        )
-        return info
+        return served_info("rx", self.engine.info, request)
 
     def Generate(
         self, request_iterator: Iterator[pb.GenerateRequest], context: grpc.ServicerContext

@@ -78,3 +78,23 @@ def log_access(
     text += "".join(f" {k}={v}" for k, v in extra.items())
     text += f" id={request_id or '-'}"
     access_log.info(text, extra=fields)
+
+
+def served_info(service: str, info_of: Any, request: Any) -> Any:
+    """Answer an Info call with `info_of()`, counted and access-logged like every other call."""
+    import time
+
+    from shared.metrics import REQUESTS
+
+    started = time.perf_counter()
+    REQUESTS.labels(service, "Info", "OK").inc()
+    info = info_of()
+    log_access(
+        service,
+        "Info",
+        "OK",
+        bytes_in=request.ByteSize(),
+        bytes_out=info.ByteSize(),
+        ms=(time.perf_counter() - started) * 1e3,
+    )
+    return info

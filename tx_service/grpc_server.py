@@ -14,7 +14,7 @@ from shared.errors import BadRequestError, SplitVlmError, port_in_use
 from shared.grpc_guard import GuardInterceptor
 from shared.grpc_util import port_is_taken
 from shared.health import add_health
-from shared.logs import log_access
+from shared.logs import log_access, served_info
 from shared.metrics import IN_FLIGHT, LATENCY, PAYLOAD_BYTES, REQUESTS, TOKENS, TTFT
 from shared.protocol import pb, pb_grpc
 from shared.security import TokenAuth, add_port, server_credentials, warn_if_exposed
@@ -29,18 +29,7 @@ class TxServicer(pb_grpc.TxServiceServicer):
         self.engine = engine
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
-        started = time.perf_counter()
-        REQUESTS.labels("tx", "Info", "OK").inc()
-        info = self.engine.info()
-        log_access(
-            "tx",
-            "Info",
-            "OK",
-            bytes_in=request.ByteSize(),
-            bytes_out=info.ByteSize(),
-            ms=(time.perf_counter() - started) * 1e3,
-        )
-        return info
+        return served_info("tx", self.engine.info, request)
 
     def Ask(self, request: pb.AskRequest, context: grpc.ServicerContext) -> Iterator[pb.TextChunk]:
         started = time.perf_counter()
